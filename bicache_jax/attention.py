@@ -1,0 +1,96 @@
+"""The one attention entry point every layer and every cache policy calls.
+
+Queries of the rows being computed attend, without a causal mask, to two KV sources:
+
+* `cached`: KV read from a cache (the shared prefix, or the prefix KV of the last refresh),
+  valid for positions `< cached_len` of each batch row;
+* `fresh`: the request's own KV (rows computed this step, possibly written into the
+  request's KV buffer beside rows carried from earlier steps), valid for `< fresh_len`.
+
+Softmax runs over the union of valid keys. Rows with no valid key return zeros. RoPE has
+already been applied to q and k. Implementations: a plain `jnp` reference, XLA's and
+cuDNN's `jax.nn.dot_product_attention`, and the Pallas kernels in `pallas_kernels/`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from .config import ATTENTION_IMPLS
+
+
+def default_impl() -> str:
+    """`pallas` on GPU and TPU, `xla` on CPU."""
+    return "xla" if jax.default_backend() == "cpu" else "pallas"
+
+
+def attention_reference(
+    q: Float[Array, "batch q_len heads dim"],
+    cached_k: Float[Array, "batch cached_len kv_heads dim"],
+    cached_v: Float[Array, "batch cached_len kv_heads dim"],
+    cached_len: Int[Array, " batch"],
+    fresh_k: Float[Array, "batch fresh_len kv_heads dim"],
+    fresh_v: Float[Array, "batch fresh_len kv_heads dim"],
+    fresh_len: Int[Array, " batch"],
+) -> Float[Array, "batch q_len heads dim"]:
+    """Plain `jnp` attention over [cached ; fresh], float32 softmax."""
+    k = jnp.concatenate([cached_k, fresh_k], axis=1)
+    v = jnp.concatenate([cached_v, fresh_v], axis=1)
+    valid = _key_valid(cached_k.shape[1], cached_len, fresh_k.shape[1], fresh_len)
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    scores = jnp.where(valid[:, None, None, None, :], scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.exp(scores - row_max)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bskd->btkgd", p / jnp.where(denom > 0, denom, 1.0),
+                     v.astype(jnp.float32))
+    return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def _key_valid(cached_size, cached_len, fresh_size, fresh_len):
+    return jnp.concatenate([
+        jnp.arange(cached_size)[None, :] < cached_len[:, None],
+        jnp.arange(fresh_size)[None, :] < fresh_len[:, None],
+    ], axis=1)
+
+
+def _attention_xla(q, cached_k, cached_v, cached_len, fresh_k, fresh_v, fresh_len, impl):
+    k = jnp.concatenate([cached_k, fresh_k], axis=1)
+    v = jnp.concatenate([cached_v, fresh_v], axis=1)
+    valid = _key_valid(cached_k.shape[1], cached_len, fresh_k.shape[1], fresh_len)
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=valid[:, None, None, :], implementation=impl)
+    # dot_product_attention gives a uniform average where every key is masked; we want 0.
+    any_valid = jnp.any(valid, axis=1)[:, None, None, None]
+    return jnp.where(any_valid, out, 0).astype(q.dtype)
+
+
+def attention(
+    q: Float[Array, "batch q_len heads dim"],
+    cached_k: Float[Array, "batch cached_len kv_heads dim"],
+    cached_v: Float[Array, "batch cached_len kv_heads dim"],
+    cached_len: Int[Array, " batch"],
+    fresh_k: Float[Array, "batch fresh_len kv_heads dim"],
+    fresh_v: Float[Array, "batch fresh_len kv_heads dim"],
+    fresh_len: Int[Array, " batch"],
+    impl: str | None = None,
+) -> Float[Array, "batch q_len heads dim"]:
+    """Bidirectional attention of `q` over [cached KV ; fresh KV] (see module docstring)."""
+    impl = impl or default_impl()
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    args = (q, cached_k, cached_v, cached_len, fresh_k, fresh_v, fresh_len)
+    if impl == "reference":
+        return attention_reference(*args)
+    if impl in ("xla", "cudnn"):
+        return _attention_xla(*args, impl=impl)
+    from .pallas_kernels import attention as pallas_attention
+
+    return pallas_attention(*args, interpret=jax.default_backend() == "cpu")

@@ -1,0 +1,58 @@
+"""An independent float64 numpy forward of the LLaDA / Dream architectures (tests only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _rms(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _rope(x, pos, theta):
+    # x: [T, H, D]; half-split rotation
+    d = x.shape[-1]
+    half = d // 2
+    freq = theta ** (-np.arange(half) / half)
+    ang = pos[:, None] * freq[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def numpy_forward(params, config, tokens, length=None):
+    """Logits [T, V] (float64) of one unpadded sequence `tokens[:length]` (plus padding rows)."""
+    p = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
+    tokens = np.asarray(tokens)
+    t = len(tokens)
+    length = t if length is None else length
+    x = np.asarray(params["embed"], np.float64)[tokens]
+    pos = np.arange(t, dtype=np.float64)
+    hq, hkv, d = config.n_heads, config.n_kv_heads, config.head_dim
+    valid = np.arange(t) < length
+    for layer in range(config.n_layers):
+        h = _rms(x, p["attn_norm"][layer], config.norm_eps)
+        q, k, v = h @ p["wq"][layer], h @ p["wk"][layer], h @ p["wv"][layer]
+        if config.qkv_bias:
+            q, k, v = q + p["bq"][layer], k + p["bk"][layer], v + p["bv"][layer]
+        q = _rope(q.reshape(t, hq, d), pos, config.rope_theta)
+        k = _rope(k.reshape(t, hkv, d), pos, config.rope_theta)
+        v = v.reshape(t, hkv, d)
+        out = np.zeros((t, hq, d))
+        for head in range(hq):
+            kh = head // (hq // hkv)
+            s = q[:, head] @ k[:, kh].T / np.sqrt(d)
+            s = np.where(valid[None, :], s, -np.inf)
+            s = np.exp(s - s.max(axis=-1, keepdims=True))
+            out[:, head] = (s / s.sum(axis=-1, keepdims=True)) @ v[:, kh]
+        x = x + out.reshape(t, hq * d) @ p["wo"][layer]
+        h = _rms(x, p["mlp_norm"][layer], config.norm_eps)
+        gate = h @ p["w_gate"][layer]
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ p["w_up"][layer])) @ p["w_down"][layer]
+    x = _rms(x, np.asarray(params["final_norm"], np.float64), config.norm_eps)
+    return x @ np.asarray(params["lm_head"], np.float64)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
