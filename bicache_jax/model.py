@@ -350,10 +350,6 @@ def param_shapes(config: ModelConfig, dtype=jnp.float32) -> Params:
     return jax.eval_shape(lambda k: init_params(config, k, dtype), jax.random.key(0))
 
 
-__all__ = ["DLM", "ForwardOut", "OwnKV", "PrefixEntry", "PrefixKV", "encode_prefix", "apply_rope", "embed", "forward",
-           "forward_rows", "init_params", "logits_from_hidden", "param_shapes", "rms_norm"]
-
-
 class PrefixEntry(NamedTuple):
     """Everything a prefix store entry holds, from one forward of the prefix alone.
 
@@ -385,3 +381,8 @@ def encode_prefix(params: Params, config: ModelConfig, tokens: Int[Array, "batch
 
     _, (k, v, hidden) = jax.lax.scan(body, embed(params, tokens), params["layers"])
     return PrefixEntry(k, v, hidden)
+
+
+__all__ = ["DLM", "ForwardOut", "OwnKV", "PrefixEntry", "PrefixKV", "apply_rope", "embed",
+           "encode_prefix", "forward", "forward_rows", "init_params", "logits_from_hidden",
+           "param_shapes", "rms_norm"]
