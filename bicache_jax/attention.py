@@ -8,8 +8,13 @@ Queries of the rows being computed attend, without a causal mask, to two KV sour
   request's KV buffer beside rows carried from earlier steps), valid for `< fresh_len`.
 
 Softmax runs over the union of valid keys. Rows with no valid key return zeros. RoPE has
-already been applied to q and k. Implementations: a plain `jnp` reference, XLA's and
+already been applied to q and k. Implementations: the plain `jnp` reference
+(`pallas_kernels/reference.py`, the definition the kernels are tested against), XLA's and
 cuDNN's `jax.nn.dot_product_attention`, and the Pallas kernels in `pallas_kernels/`.
+
+The xla/cudnn paths assume finite values at padded key positions (our KV buffers are
+zero-initialised and padding rows are computed from real embeddings); the reference and
+the Pallas kernels also tolerate NaN there.
 """
 
 from __future__ import annotations
@@ -19,39 +24,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .config import ATTENTION_IMPLS
+from .pallas_kernels import attention as pallas_attention
+from .pallas_kernels import attention_reference
 
 
 def default_impl() -> str:
     """`pallas` on GPU and TPU, `xla` on CPU."""
     return "xla" if jax.default_backend() == "cpu" else "pallas"
-
-
-def attention_reference(
-    q: Float[Array, "batch q_len heads dim"],
-    cached_k: Float[Array, "batch cached_len kv_heads dim"],
-    cached_v: Float[Array, "batch cached_len kv_heads dim"],
-    cached_len: Int[Array, " batch"],
-    fresh_k: Float[Array, "batch fresh_len kv_heads dim"],
-    fresh_v: Float[Array, "batch fresh_len kv_heads dim"],
-    fresh_len: Int[Array, " batch"],
-) -> Float[Array, "batch q_len heads dim"]:
-    """Plain `jnp` attention over [cached ; fresh], float32 softmax."""
-    k = jnp.concatenate([cached_k, fresh_k], axis=1)
-    v = jnp.concatenate([cached_v, fresh_v], axis=1)
-    valid = _key_valid(cached_k.shape[1], cached_len, fresh_k.shape[1], fresh_len)
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
-    scores = jnp.where(valid[:, None, None, None, :], scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(scores - row_max)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bskd->btkgd", p / jnp.where(denom > 0, denom, 1.0),
-                     v.astype(jnp.float32))
-    return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
 def _key_valid(cached_size, cached_len, fresh_size, fresh_len):
@@ -91,6 +70,4 @@ def attention(
         return attention_reference(*args)
     if impl in ("xla", "cudnn"):
         return _attention_xla(*args, impl=impl)
-    from .pallas_kernels import attention as pallas_attention
-
     return pallas_attention(*args, interpret=jax.default_backend() == "cpu")
