@@ -1,0 +1,12 @@
+"""bicache_jax: serve diffusion language models in JAX with BiCache shared-prefix caching."""
+
+from .config import ModelConfig, dream_7b, llada_8b, preset
+from .generate import GenerateOutput, Prompt, compile_count, generate
+from .model import PrefixKV, encode_prefix, forward, forward_rows, init_params
+from .policies import POLICIES
+from .prefix_store import PrefixStore
+from .sampling import SamplerConfig
+
+__all__ = ["POLICIES", "GenerateOutput", "ModelConfig", "PrefixKV", "PrefixStore", "Prompt",
+           "SamplerConfig", "compile_count", "dream_7b", "encode_prefix", "forward",
+           "forward_rows", "generate", "init_params", "llada_8b", "preset"]
