@@ -388,6 +388,18 @@ def _validate(config, prompts, gen_length, steps, block_length, policy, sampler,
                              f"model's max_seq_len {config.max_seq_len}")
 
 
+def compute_prefix_entry(params, config: ModelConfig, ids: Sequence[int]) -> StoredPrefix:
+    """The store entry of a prefix: one forward of the prefix alone (padded to a multiple
+    of PAD_MULTIPLE so that few prefix lengths share one compiled program)."""
+    ids = tuple(int(i) for i in ids)
+    toks = np.zeros((1, _round_up(len(ids), PAD_MULTIPLE)), np.int32)
+    toks[0, :len(ids)] = ids
+    out = encode_prefix(params, config, jnp.asarray(toks), jnp.asarray([len(ids)]))
+    n = len(ids)
+    return StoredPrefix(ids=ids, k=out.k[:, 0, :n], v=out.v[:, 0, :n],
+                        hidden=out.hidden[:, 0, :n])
+
+
 def _fill_store(params, config, store: PrefixStore, prefixes):
     """Look every distinct prefix up; compute misses one at a time on the prefix alone."""
     entries, computed_rows = {}, 0
@@ -402,12 +414,7 @@ def _fill_store(params, config, store: PrefixStore, prefixes):
         if len(ids) > store.budget_tokens:
             raise ValueError(f"prefix of {len(ids)} tokens exceeds the store budget of "
                              f"{store.budget_tokens} tokens")
-        padded = _round_up(len(ids), PAD_MULTIPLE)
-        toks = np.zeros((1, padded), np.int32)
-        toks[0, :len(ids)] = ids
-        out = encode_prefix(params, config, jnp.asarray(toks), jnp.asarray([len(ids)]))
-        entry = StoredPrefix(ids=ids, k=out.k[:, 0, :len(ids)], v=out.v[:, 0, :len(ids)],
-                             hidden=out.hidden[:, 0, :len(ids)])
+        entry = compute_prefix_entry(params, config, ids)
         computed_rows += len(ids) * config.n_layers
         store = store.insert(entry)
         entries[ids] = entry
@@ -541,5 +548,5 @@ def generate(
     return GenerateOutput(tokens=tokens, nfe=np.asarray(nfe), stats=stats, cache=store)
 
 
-__all__ = ["GenerateOutput", "Prompt", "compile_count", "generate", "lookup_depth",
-           "prefix_ratio"]
+__all__ = ["GenerateOutput", "Prompt", "compile_count", "compute_prefix_entry", "generate",
+           "lookup_depth", "prefix_ratio"]

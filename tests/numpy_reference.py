@@ -56,3 +56,62 @@ def numpy_forward(params, config, tokens, length=None):
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def numpy_forward_kv(params, config, tokens, override=None):
+    """Like `numpy_forward` for one full sequence, also returning per-layer K (after RoPE)
+    and V; `override = (K, V, positions)` substitutes cached K/V at those positions in
+    every layer (the fixed-shape form of a cached forward)."""
+    p = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
+    tokens = np.asarray(tokens)
+    t = len(tokens)
+    x = np.asarray(params["embed"], np.float64)[tokens]
+    pos = np.arange(t, dtype=np.float64)
+    hq, hkv, d = config.n_heads, config.n_kv_heads, config.head_dim
+    ks, vs = [], []
+    for layer in range(config.n_layers):
+        h = _rms(x, p["attn_norm"][layer], config.norm_eps)
+        q, k, v = h @ p["wq"][layer], h @ p["wk"][layer], h @ p["wv"][layer]
+        if config.qkv_bias:
+            q, k, v = q + p["bq"][layer], k + p["bk"][layer], v + p["bv"][layer]
+        q = _rope(q.reshape(t, hq, d), pos, config.rope_theta)
+        k = _rope(k.reshape(t, hkv, d), pos, config.rope_theta)
+        v = v.reshape(t, hkv, d)
+        if override is not None:
+            ck, cv, where = override
+            k[where], v[where] = ck[layer][where], cv[layer][where]
+        ks.append(k)
+        vs.append(v)
+        out = np.zeros((t, hq, d))
+        for head in range(hq):
+            kh = head // (hq // hkv)
+            s = q[:, head] @ k[:, kh].T / np.sqrt(d)
+            s = np.exp(s - s.max(axis=-1, keepdims=True))
+            out[:, head] = (s / s.sum(axis=-1, keepdims=True)) @ v[:, kh]
+        x = x + out.reshape(t, hq * d) @ p["wo"][layer]
+        h = _rms(x, p["mlp_norm"][layer], config.norm_eps)
+        gate = h @ p["w_gate"][layer]
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ p["w_up"][layer])) @ p["w_down"][layer]
+    x = _rms(x, np.asarray(params["final_norm"], np.float64), config.norm_eps)
+    return x @ np.asarray(params["lm_head"], np.float64), np.stack(ks), np.stack(vs)
+
+
+def sharp_params(config, seed=0):
+    """Random params scaled so a tiny model's predictions depend on its input (the default
+    init gives near-uniform logits, which would make token-equality tests vacuous)."""
+    import jax
+
+    from bicache_jax.model import init_params
+
+    params = init_params(config, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, a):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return np.asarray(a)
+        fan_in = a.shape[-2] if a.ndim >= 2 and "embed" not in name else 1
+        scale = 3.0 if "lm_head" in name else 1.0
+        return (scale * rng.standard_normal(a.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, params)
