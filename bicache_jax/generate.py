@@ -421,6 +421,30 @@ def _fill_store(params, config, store: PrefixStore, prefixes):
     return store, entries, computed_rows
 
 
+def _batch_prefix(entries, prefixes, depth, config, dtype):
+    """Stack the store entries of a batch: k, v [L, B, P, Hkv, D], hidden at `depth`
+    [B, P, d] (P padded to PAD_MULTIPLE). One pad per distinct prefix, then one gather."""
+    L = config.n_layers
+    p_max = _round_up(max(len(ids) for ids in prefixes), PAD_MULTIPLE)
+    distinct = [ids for ids in dict.fromkeys(prefixes) if ids]
+    index = np.array([distinct.index(ids) if ids else len(distinct) for ids in prefixes])
+
+    def stack(get, axis, shape):
+        padded = [jnp.pad(get(entries[ids]), [(0, 0)] * axis + [(0, p_max - len(ids))]
+                          + [(0, 0)] * (len(shape) - axis - 1)) for ids in distinct]
+        padded.append(jnp.zeros(shape, dtype))  # requests without a prefix
+        return jnp.stack(padded, axis=axis)
+
+    kv_shape = (L, p_max, config.n_kv_heads, config.head_dim)
+    k = stack(lambda e: e.k, 1, kv_shape)[:, index]
+    v = stack(lambda e: e.v, 1, kv_shape)[:, index]
+    if depth < L:
+        hidden = stack(lambda e: e.hidden[depth], 0, (p_max, config.d_model))[index]
+    else:
+        hidden = jnp.zeros((len(prefixes), p_max, config.d_model), dtype)
+    return k, v, hidden
+
+
 def _row_buckets(gen_length: int) -> tuple[int, ...]:
     sizes, n = [], 8
     while n < gen_length:
@@ -506,20 +530,8 @@ def generate(
         else:
             depths[:] = L
         if p_lens.max() > 0:
-            p_max = _round_up(int(p_lens.max()), PAD_MULTIPLE)
-            dtype = params["embed"].dtype
-            prefix_k = jnp.zeros((L, batch, p_max, config.n_kv_heads, config.head_dim), dtype)
-            prefix_v = jnp.zeros_like(prefix_k)
-            hidden = jnp.zeros((batch, p_max, config.d_model), dtype)
-            b = int(depths.min())
-            for i, ids in enumerate(prefixes):
-                if ids:
-                    e = entries[ids]
-                    prefix_k = prefix_k.at[:, i, :len(ids)].set(e.k)
-                    prefix_v = prefix_v.at[:, i, :len(ids)].set(e.v)
-                    if b < L:
-                        hidden = hidden.at[i, :len(ids)].set(e.hidden[b])
-            prefix_arrays = (prefix_k, prefix_v, hidden, jnp.asarray(p_lens))
+            prefix_arrays = _batch_prefix(entries, prefixes, int(depths.min()), config,
+                                          params["embed"].dtype) + (jnp.asarray(p_lens),)
     batch_depth = int(depths.min()) if pol.uses_store else 0
 
     u_max = _round_up(int(u_lens.max()), PAD_MULTIPLE)

@@ -1,0 +1,296 @@
+"""Throughput benchmark: every policy across shared-prefix ratios and batch sizes.
+
+Throughput = requests x gen_length / wall time of a warm `generate` call (compilation
+excluded: reported separately with the number of compilations; the prefix store is warm,
+as in serving, and the cold store fill is reported separately). Beside every measured time
+stands a floor: the FLOPs the call must do (from the rows it really computed) divided by
+the device's peak, so the distance to the limit is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig, llada_8b
+from .generate import Prompt, compile_count, compute_prefix_entry, generate
+from .model import init_params
+from .policies import POLICIES
+from .prefix_store import PrefixStore
+
+# Dense bf16 peaks (TFLOP/s) of accelerators we may be lent; CPU peak is measured.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5e": 197.0,
+               "TPU v5p": 459.0, "TPU v6": 918.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    model: str  # "cpu_small" | "llada_8b" | "toy"
+    gen_length: int
+    steps: int
+    block_length: int
+    refresh_interval: int
+    prompt_len: int
+    ratios: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+    policies: tuple[str, ...]
+    repeats: int = 2
+    dtype: str = "float32"
+
+
+SCALES = {
+    # The paper's workload shape at LLaDA-8B size (random bf16 weights) for a GPU.
+    "gpu": BenchSettings("llada_8b", 256, 128, 32, 16, 64, (10, 30, 50, 70, 90),
+                         (1, 4, 16), tuple(POLICIES), repeats=2, dtype="bfloat16"),
+    # A small LLaDA layout that finishes in minutes on 2 CPU cores.
+    "cpu": BenchSettings("cpu_small", 64, 32, 16, 16, 16, (10, 30, 50, 70, 90), (1, 4),
+                         tuple(POLICIES), repeats=2),
+    # CI smoke size: checks the pipeline and the JSON, not the numbers.
+    "toy": BenchSettings("toy", 16, 4, 8, 2, 4, (50,), (1,), ("none", "bicache"), repeats=1),
+}
+
+
+def model_config(name: str) -> ModelConfig:
+    if name == "llada_8b":
+        return llada_8b().replace(max_seq_len=8192)
+    if name == "cpu_small":
+        return ModelConfig(layout="llada", vocab_size=512, d_model=128, n_layers=6,
+                           n_heads=4, n_kv_heads=4, head_dim=32, mlp_dim=384,
+                           rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False,
+                           logits_shift=False, mask_token_id=511, max_seq_len=2048)
+    if name == "toy":
+        return ModelConfig(layout="llada", vocab_size=64, d_model=32, n_layers=2, n_heads=2,
+                           n_kv_heads=2, head_dim=16, mlp_dim=64, rope_theta=500000.0,
+                           norm_eps=1e-5, qkv_bias=False, logits_shift=False,
+                           mask_token_id=63, max_seq_len=512)
+    raise ValueError(f"unknown benchmark model {name!r}")
+
+
+def device_info() -> dict:
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind,
+            "device_count": jax.device_count()}
+
+
+def peak_tflops(repeats: int = 3) -> tuple[float, str]:
+    """The device's peak: the table for known accelerators, else a measured matmul rate."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return peak, f"datasheet dense bf16 ({name})"
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e12, "measured float32 1024^3 matmul"
+
+
+def call_flops(config: ModelConfig, rows_computed: float, seq_len: int, nfe: float,
+               block_length: int) -> float:
+    """FLOPs of a request: projections and MLP of every computed token-layer row,
+    attention of every row against the whole sequence, the head on the decoded rows."""
+    d, f = config.d_model, config.mlp_dim
+    per_row = 2 * (d * config.q_dim + 2 * d * config.kv_dim + config.q_dim * d + 3 * d * f)
+    attention = 4 * config.n_heads * config.head_dim * seq_len
+    return rows_computed * (per_row + attention) + nfe * block_length * 2 * d * \
+        config.vocab_size
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _prompts(config, batch, prefix_len, prompt_len, seed):
+    rng = np.random.default_rng(seed)
+    hi = config.mask_token_id
+    prefix = tuple(rng.integers(0, hi, prefix_len).tolist())
+    return [Prompt(prompt=tuple(rng.integers(0, hi, prompt_len).tolist()), prefix=prefix)
+            for _ in range(batch)]
+
+
+def run(settings: BenchSettings, *, params=None, depth_table=None, progress=print) -> dict:
+    """Run the sweep; returns the JSON-ready result dict."""
+    config = model_config(settings.model)
+    if params is None:
+        dtype = jnp.bfloat16 if settings.dtype == "bfloat16" else jnp.float32
+        params = init_params(config, jax.random.key(0), dtype)
+    peak, peak_source = peak_tflops()
+    g, u = settings.gen_length, settings.prompt_len
+    rows = []
+    for batch in settings.batch_sizes:
+        for ratio in settings.ratios:
+            # ratio of the shared prefix in the prompt: p / (p + u)
+            p = max(1, round(ratio / (100 - ratio) * u))
+            prompts = _prompts(config, batch, p, u, seed=ratio)
+            table = depth_table or {0: 0}
+            for policy in settings.policies:
+                # BiCache's depth for this ratio: from the table when given, else half depth.
+                depth = None if depth_table else config.n_layers // 2
+                kw = dict(config=config, gen_length=g, steps=settings.steps,
+                          block_length=settings.block_length, policy=policy,
+                          refresh_interval=(settings.refresh_interval
+                                            if policy in ("bicache", "bicache_dual") else None),
+                          reuse_depth=depth if "bicache" in policy else None)
+                store = PrefixStore(depth_table=table, budget_tokens=max(5000, 2 * p))
+                before = compile_count()
+                t0 = time.perf_counter()
+                out = generate(params, prompts, store, **kw)
+                first = time.perf_counter() - t0
+                compiles = compile_count() - before
+                store = out.cache
+                generate(params, prompts, store, **kw)  # warm-up: first runs are slower
+                times = []
+                for rep in range(settings.repeats):
+                    t0 = time.perf_counter()
+                    out = generate(params, prompts, store, key=jax.random.key(rep), **kw)
+                    times.append(time.perf_counter() - t0)
+                wall = float(np.median(times))
+                nfe = float(np.mean(out.nfe))
+                seq = p + u + g
+                flops = sum(call_flops(config, float(r), seq, float(n), settings.block_length)
+                            for r, n in zip(out.stats["rows_computed"], out.nfe, strict=True))
+                store_fill_s = 0.0
+                if POLICIES[policy].uses_store:  # a cold store: one prefix-alone forward
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(compute_prefix_entry(params, config,
+                                                               prompts[0].prefix).k)
+                    store_fill_s = time.perf_counter() - t0
+                row = {
+                    "policy": policy, "ratio": ratio, "batch": batch, "prefix_len": p,
+                    "prompt_len": u, "seq_len": seq, "wall_s": wall,
+                    "tokens_per_s": batch * g / wall,
+                    "compile_s": max(first - wall, 0.0), "compiles": compiles,
+                    "step_s": wall / max(nfe, 1), "nfe": nfe,
+                    "store_fill_s": store_fill_s,
+                    "time_to_first_step_s": store_fill_s + wall / max(nfe, 1),
+                    "rows_per_request": float(np.mean(out.stats["rows_computed"])),
+                    "rows_padded_per_request": float(np.mean(out.stats["rows_padded"])),
+                    "reuse_depth": int(out.stats["batch_reuse_depth"]),
+                    "cache_bytes": out.cache.bytes_held if out.cache is not None else 0,
+                    "flops": flops, "floor_s": flops / (peak * 1e12),
+                    "mfu": flops / wall / (peak * 1e12),
+                }
+                rows.append(row)
+                progress(f"{policy:>16} ratio {ratio:>2}% batch {batch:>2}: "
+                         f"{row['tokens_per_s']:9.1f} tok/s  wall {wall:7.3f}s  "
+                         f"floor {row['floor_s']:.4f}s  MFU {100 * row['mfu']:5.1f}%  "
+                         f"rows/req {row['rows_per_request']:.0f}")
+    return {
+        "machine": {"node": platform.node(), "processor": platform.processor(),
+                    "python": platform.python_version()},
+        "device": device_info(), "jax_version": jax.__version__, "git_commit": _git_commit(),
+        "weights": "random (untrained): timing only" if settings.model != "trained" else
+                   "trained",
+        "peak_tflops": peak, "peak_source": peak_source,
+        "settings": dataclasses.asdict(settings), "model_config": dataclasses.asdict(config),
+        "results": rows,
+    }
+
+
+def speedups(result: dict) -> list[dict]:
+    """bicache / none and bicache_dual / fastdllm_dual throughput ratios per setting."""
+    by = {(r["policy"], r["ratio"], r["batch"]): r["tokens_per_s"] for r in result["results"]}
+    out = []
+    for (pol, ratio, batch), tps in sorted(by.items()):
+        if pol == "bicache" and ("none", ratio, batch) in by:
+            out.append({"ratio": ratio, "batch": batch, "pair": "bicache/none",
+                        "speedup": tps / by[("none", ratio, batch)]})
+        if pol == "bicache_dual" and ("fastdllm_dual", ratio, batch) in by:
+            out.append({"ratio": ratio, "batch": batch, "pair": "bicache_dual/fastdllm_dual",
+                        "speedup": tps / by[("fastdllm_dual", ratio, batch)]})
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    """README table generated from a result JSON."""
+    lines = ["| policy | ratio % | batch | tokens/s | wall s | floor s | MFU % | rows/req |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        lines.append(f"| {r['policy']} | {r['ratio']} | {r['batch']} | "
+                     f"{r['tokens_per_s']:.1f} | {r['wall_s']:.3f} | {r['floor_s']:.4f} | "
+                     f"{100 * r['mfu']:.1f} | {r['rows_per_request']:.0f} |")
+    sp = speedups(result)
+    if sp:
+        lines += ["", "| pair | ratio % | batch | speedup |", "|---|---|---|---|"]
+        lines += [f"| {s['pair']} | {s['ratio']} | {s['batch']} | {s['speedup']:.2f}x |"
+                  for s in sp]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in result["results"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        for pol in dict.fromkeys(r["policy"] for r in result["results"]):
+            pts = sorted((r["ratio"], r["tokens_per_s"]) for r in result["results"]
+                         if r["policy"] == pol and r["batch"] == batch)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=pol)
+        ax.set(title=f"batch {batch} ({result['device']['device_kind']})",
+               xlabel="shared prefix ratio (%)", ylabel="tokens/s")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="bicache-jax bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+                    help="cpu: small model, minutes on 2 cores; gpu: LLaDA-8B shape, "
+                         "random bf16 weights; toy: CI smoke test")
+    ap.add_argument("--policies", help="comma-separated subset of policies")
+    ap.add_argument("--batch-sizes", help="comma-separated, e.g. 1,4,16")
+    ap.add_argument("--ratios", help="comma-separated prefix ratios in percent")
+    ap.add_argument("--out", help="result JSON path (default benchmarks/results/"
+                                  "throughput_<scale>_<device>.json)")
+    ap.add_argument("--plot", action="store_true", help="also write a PNG beside the JSON")
+    args = ap.parse_args(argv)
+    settings = SCALES[args.scale]
+    changes = {}
+    if args.policies:
+        changes["policies"] = tuple(args.policies.split(","))
+        for p in changes["policies"]:
+            if p not in POLICIES:
+                ap.error(f"unknown policy {p!r}; known: {sorted(POLICIES)}")
+    if args.batch_sizes:
+        changes["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
+    if args.ratios:
+        changes["ratios"] = tuple(int(r) for r in args.ratios.split(","))
+    settings = dataclasses.replace(settings, **changes)
+    result = run(settings)
+    slug = result["device"]["device_kind"].lower().replace(" ", "_")
+    out = Path(args.out or f"benchmarks/results/throughput_{args.scale}_{slug}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(markdown_table(result))
+    print(f"wrote {out}")
+    if args.plot:
+        plot(result, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
+    return 0
