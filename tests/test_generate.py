@@ -288,3 +288,18 @@ def test_cfg_scale_runs_with_none(models):
     plain = _run(model, _requests(model[0]))
     assert not np.any(out.tokens == model[0].mask_token_id)
     assert not np.array_equal(out.tokens, plain.tokens)
+
+
+def test_dkv_decode_rows_follow_the_published_schedule(models):
+    """dKV-Cache spec worked example: LLaDA decode, prompt 24, gen 32, block 8, 16 steps,
+    N = 4 -> rows per forward 56,56,30,28, 56,56,22,20, 56,56,14,12, 56,56,6,4."""
+    cfg, params = models["llada_mha"]
+    rng = np.random.default_rng(0)
+    out = _run(models["llada_mha"], [Prompt(prompt=_ids(rng, 24, cfg))], policy="dkv_decode",
+               gen_length=32, steps=16, block_length=8, refresh_interval=4)
+    per_forward = [56, 56, 30, 28, 56, 56, 22, 20, 56, 56, 14, 12, 56, 56, 6, 4]
+    buckets = [8, 16, 32, 56]  # static row counts: 8, 16, 32 (gen_length), or a full forward
+    padded = [min(b for b in buckets if b >= n) - n for n in per_forward]
+    assert out.stats["rows_computed"][0] == sum(per_forward) * cfg.n_layers
+    assert out.stats["rows_padded"][0] == sum(padded) * cfg.n_layers
+    assert out.nfe[0] == 16
