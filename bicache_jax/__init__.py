@@ -1,12 +1,15 @@
 """bicache_jax: serve diffusion language models in JAX with BiCache shared-prefix caching."""
 
+from .checkpoint import load, restore, save
 from .config import ModelConfig, dream_7b, llada_8b, preset
 from .generate import GenerateOutput, Prompt, compile_count, generate
 from .model import PrefixKV, encode_prefix, forward, forward_rows, init_params
 from .policies import POLICIES
 from .prefix_store import PrefixStore
 from .sampling import SamplerConfig
+from .tokenizer import Tokenizer
 
 __all__ = ["POLICIES", "GenerateOutput", "ModelConfig", "PrefixKV", "PrefixStore", "Prompt",
-           "SamplerConfig", "compile_count", "dream_7b", "encode_prefix", "forward",
-           "forward_rows", "generate", "init_params", "llada_8b", "preset"]
+           "SamplerConfig", "Tokenizer", "compile_count", "dream_7b", "encode_prefix",
+           "forward", "forward_rows", "generate", "init_params", "llada_8b", "load", "preset",
+           "restore", "save"]
