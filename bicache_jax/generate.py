@@ -11,6 +11,20 @@ One loop serves every policy (`policies.py`): a `lax.fori_loop` over blocks, a
 forwards — all own rows, a static-size subset of own rows against the request's KV
 buffer, or (BiCache) a refresh of the deep prefix KV — and the sampler unmasks tokens of
 the current block.
+
+dKV-Cache (all four variants) is one mechanism in that loop: the state holds a per-request
+"cached set" [B, R] of own slots; a step is either a full forward (which refills the KV
+buffer) or computes exactly the valid slots outside the set — gathered in slot order and
+padded to the smallest static row count (8, 16, 32, ..., the canvas; Dream: + 1) that holds
+the batch's largest count, chosen by `lax.switch` — against the buffer, writing their fresh
+K/V back (so every slot holds the value of the last forward that computed it). After the
+step the variant sets the next step's set: Decode/PD the shifted decoded set of the step
+before (the one-step delay), Greedy the complement of its next rows. The cache holds K
+after RoPE (the public code caches it before and rotates at each use, at the same
+position: the same values). Dream's "un" shift marks slot p cacheable once its successor
+in the true order is decoded; the last canvas position gets the public code's value
+(`decoded[:, :1]`, True from step 1 on, while it is still masked): this changes tokens, so
+we keep it. Per-forward rows are logged (`stats["rows_per_forward"]`).
 """
 
 from __future__ import annotations
@@ -30,7 +44,13 @@ from .config import ModelConfig
 from .model import OwnKV, PrefixKV, encode_prefix, forward_rows, logits_from_hidden
 from .policies import Policy, get_policy
 from .prefix_store import PrefixStore, StoredPrefix
-from .sampling import SamplerConfig, choose_tokens, llada_transfer_counts, select_positions
+from .sampling import (
+    SamplerConfig,
+    choose_tokens,
+    llada_transfer_counts,
+    select_positions,
+    select_top,
+)
 
 PAD_MULTIPLE = 16  # prompt and prefix lengths are padded to multiples of this (fewer compiles)
 
@@ -54,8 +74,12 @@ class GenerateOutput:
     tokens:  [B, gen_length] the generated canvas.
     nfe:     [B] forwards each request took part in while its current block had masks.
     stats:   per-request arrays (`rows_computed`, `rows_padded`: token-layer rows, i.e.
-             rows x layers; `refreshes`; `prefix_len`; `reuse_depth`) and per-call values
-             (`batch_reuse_depth`, `store_rows_computed`, `seconds`, `compiles`).
+             rows x layers; `rows_per_forward`, `padded_per_forward` [B, forwards]: the
+             same per forward, 0 where the request's block was already done (divide by
+             n_layers for token rows, except on BiCache refreshes); `refreshes`;
+             `prefix_len`; `reuse_depth`; `decode_order` [B, num_blocks, block_length]
+             when a fixed order was used) and per-call values (`batch_reuse_depth`,
+             `store_rows_computed`, `seconds`, `compiles`).
     cache:   the updated prefix store (None for policies that do not use one).
     """
 
@@ -67,7 +91,9 @@ class GenerateOutput:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Everything static about a call: one compiled program per distinct plan + shapes."""
+    """Everything static about a call: one compiled program per distinct plan + shapes.
+    (The refresh interval and Greedy's window size are traced: sweeping them reuses the
+    program.)"""
 
     config: ModelConfig
     sampler: SamplerConfig
@@ -76,8 +102,8 @@ class _Plan:
     steps: int
     block_length: int
     reuse_depth: int
-    refresh_interval: int
     row_buckets: tuple[int, ...]
+    fixed_order: bool  # decode each block in the order of the `order` argument
 
 
 _TRACE_COUNT = [0]
@@ -86,6 +112,40 @@ _TRACE_COUNT = [0]
 def compile_count() -> int:
     """How many times the denoise loop has been traced (= compiled) in this process."""
     return _TRACE_COUNT[0]
+
+
+def _max_forwards(plan: _Plan) -> int:
+    """Upper bound on the forwards of one call (the length of the per-forward logs)."""
+    num_blocks = plan.gen_length // plan.block_length
+    per_block = (plan.block_length + 1 if plan.sampler.threshold is not None
+                 else plan.steps // num_blocks)
+    return num_blocks * (per_block + int(plan.policy.block_cache is not None))
+
+
+def greedy_window(rows: Array, masked: Array, targets: Array, block_order: Array,
+                  window_size: Array) -> Array:
+    """dKV-Cache-Greedy's window (`find_window_tokens`) over the canvas, batched.
+
+    rows [B, g]: positions already computed next step; masked [B, g]: still-masked
+    positions; targets [B, g]: the positions to decode next; block_order [B, bl]: the
+    block's decoding order (canvas positions). For each target, in decoding order, add up
+    to `window_size` positions that are masked and not yet in `rows`, nearest first and,
+    at equal distance, left before right (the public pointer walk p-1, p+1, p-2, ...);
+    positions added for one target are not counted for the next. Returns the new rows.
+    """
+    batch, g = rows.shape
+    q = jnp.arange(g, dtype=jnp.int32)[None, :]
+    count = jnp.broadcast_to(window_size, (batch,))
+
+    def add(j, rows):
+        p = block_order[:, j][:, None]
+        on = jnp.take_along_axis(targets, p, axis=1)
+        dist = 2 * jnp.abs(q - p) - (q < p).astype(jnp.int32)  # p-1: 1, p+1: 2, p-2: 3
+        return rows | select_top(-dist.astype(jnp.float32), masked & ~rows & on, count)
+
+    return jax.lax.cond(window_size > 0,
+                        lambda r: jax.lax.fori_loop(0, block_order.shape[1], add, r),
+                        lambda r: r, rows)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -101,13 +161,27 @@ class _State(NamedTuple):
     since_refresh: Array  # scalar: forwards since the last deep-prefix refresh
     prefix_buf: tuple | None  # (k, v) [L, B, P, Hkv, D]: store (< b) + last refresh (>= b)
     own_buf: tuple | None  # (k, v) [L, B, R, Hkv, D]: the request's own KV (block caches)
-    prev_decoded: Array  # [B, R] non-mask own slots at the start of the previous step
+    cache_set: Array  # [B, R] dKV: own slots the next cached step reads from own_buf
+    step: Array  # scalar: decoding steps taken so far (all blocks)
+    fwd: Array  # scalar: forwards run so far
+    row_log: Array  # [B, F] token-layer rows computed per forward
+    pad_log: Array  # [B, F] token-layer rows padded per forward
+
+
+class _Controls(NamedTuple):
+    """Traced per-call inputs of the loop (one pytree, the loop's last argument)."""
+
+    key: Array
+    refresh_interval: Array  # int32 scalar: N
+    window_size: Array  # int32 scalar: Greedy's window
+    order: Array | None  # [B, num_blocks, block_length] canvas slots (fixed-order decoding)
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix_v,
-             prefix_hidden, prefix_len, key):
+             prefix_hidden, prefix_len, controls: _Controls):
     _TRACE_COUNT[0] += 1
+    key, refresh_interval, window_size, order = controls
     c, pol, s = plan.config, plan.policy, plan.sampler
     L, g, bl = c.n_layers, plan.gen_length, plan.block_length
     num_blocks = g // bl
@@ -121,7 +195,12 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
                                       (batch, prefix_k.shape[2]))
     cfg = s.cfg_scale > 0
     slot_ids = jnp.arange(own_size, dtype=jnp.int32)
-    prompt_slot = (slot_ids[None, :] >= g) & (slot_ids[None, :] < own_len[:, None])
+    own_valid = slot_ids[None, :] < own_len[:, None]
+    prompt_slot = (slot_ids[None, :] >= g) & own_valid
+    rank = None
+    if plan.fixed_order:  # rank[b, c]: when canvas slot c is decoded within its block
+        rank = jax.vmap(lambda o: jnp.zeros((g,), jnp.int32).at[o.reshape(-1)].set(
+            jnp.tile(jnp.arange(bl, dtype=jnp.int32), num_blocks)))(order)
 
     def predictor_slots(slots):
         """Own slot whose output predicts each canvas slot (Dream: the previous one)."""
@@ -130,6 +209,19 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
             return slots
         prev = slots - 1
         return jnp.where(prev < 0, (own_len - 1)[:, None], prev)
+
+    def shifted(decoded, x_last):
+        """dKV's cacheable set from the decoded set. LLaDA: the decoded set. Dream ("un"
+        shift): slot p once its successor in the true order [prompt | canvas] is decoded
+        (its output is no longer needed); the last canvas slot gets `x_last`."""
+        if not c.logits_shift:
+            return decoded
+        succ = jnp.where(slot_ids[None, :] == (own_len - 1)[:, None], 0, slot_ids[None, :] + 1)
+        e = jnp.take_along_axis(decoded, jnp.minimum(succ, own_size - 1), axis=1)
+        return jnp.where(slot_ids[None, :] == g - 1, x_last, e)
+
+    # dKV-Cache-Prefill's set (E_{-1}): the prompt (Dream: but its last token).
+    prefill_set = shifted(own_tokens != c.mask_token_id, jnp.bool_(False)) & own_valid
 
     def head(hidden_rows):
         logits = logits_from_hidden(params, hidden_rows)
@@ -142,10 +234,14 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
         return jnp.any(tokens[:, slots] == c.mask_token_id, axis=1)
 
     def count(st, active, rows, padded=0, refreshed=None):
+        """Book one forward: rows / padded are token-layer rows per request."""
         act = active.astype(jnp.int32)
+        rows, padded = act * rows, act * padded
         return st._replace(
-            nfe=st.nfe + act, rows=st.rows + act * rows, padded=st.padded + act * padded,
-            refreshes=st.refreshes + (0 if refreshed is None else act * refreshed))
+            nfe=st.nfe + act, rows=st.rows + rows, padded=st.padded + padded,
+            refreshes=st.refreshes + (0 if refreshed is None else act * refreshed),
+            row_log=st.row_log.at[:, st.fwd].set(rows, mode="drop"),
+            pad_log=st.pad_log.at[:, st.fwd].set(padded, mode="drop"), fwd=st.fwd + 1)
 
     # -- forward over all own rows (and the prefix rows in layers >= b on refresh)
     def full_forward(st, slots, want_own_kv, decodes=True):
@@ -182,7 +278,7 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
             return st, head(hid), own_kv
 
         if has_prefix and pol.refreshes:
-            due = st.since_refresh >= plan.refresh_interval
+            due = st.since_refresh >= refresh_interval
             return jax.lax.cond(due, lambda x: run(x, True), lambda x: run(x, False), st)
         return run(st, False)
 
@@ -222,17 +318,16 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
             return f
         return jax.lax.switch(k, [branch(kk) for kk in range(num_blocks)], st)
 
-    def delayed_kv_forward(st, slots):
-        """dKV-Cache-Decode cached step: recompute every own slot not decoded before the
-        previous step (the still-masked ones plus the one-step-delayed ones)."""
-        valid = slot_ids[None, :] < own_len[:, None]
-        need = valid & ~st.prev_decoded
+    def subset_forward(st, slots, need):
+        """dKV cached step: compute the own slots in `need` [B, R] (gathered in slot order,
+        padded to the smallest static bucket that holds the batch's largest count), every
+        other slot's K/V read from own_buf; the rows' fresh K/V are written back."""
         n_valid = jnp.sum(need, axis=1).astype(jnp.int32)
-        order = jnp.argsort(~need, axis=1, stable=True).astype(jnp.int32)
+        order_ = jnp.argsort(~need, axis=1, stable=True).astype(jnp.int32)
 
         def branch(size):
             def f(st):
-                rows = order[:, :size]
+                rows = order_[:, :size]
                 rows = jnp.where(jnp.arange(size)[None, :] < n_valid[:, None], rows, own_size)
                 where_row = jnp.full((batch, own_size + 1), 0, jnp.int32)
                 where_row = jax.vmap(lambda w, r: w.at[r].set(jnp.arange(size),
@@ -241,9 +336,49 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
                 return rows_forward(st, slots, rows, n_valid, pred, write_back=True)
             return f
 
+        # Never more than the canvas (+ Dream's first predictor): every variant caches the
+        # prompt but (Dream) its last token; the largest bucket is exactly that.
         buckets = jnp.asarray(plan.row_buckets)
         idx = jnp.sum(buckets < jnp.max(n_valid))
         return jax.lax.switch(idx, [branch(sz) for sz in plan.row_buckets], st)
+
+    def dkv_forward(st, i, slots):
+        """One dKV step: a full forward (which refills own_buf) or a cached one."""
+        n = refresh_interval
+        # LLaDA (and Greedy everywhere) counts steps per block, Dream over the whole canvas.
+        idx = i if (pol.dkv == "greedy" or not c.logits_shift) else st.step
+        reset = idx % n == 0
+        if pol.dkv in ("decode", "pd") and not c.logits_shift:
+            reset = reset | (idx <= 1)  # LLaDA: steps 0 and 1 of a block (cache reset)
+        if pol.dkv in ("decode", "greedy"):
+            full, cached = reset, st.cache_set
+        elif pol.dkv == "prefill":
+            full, cached = st.step == 0, prefill_set
+        else:  # pd: a refresh recomputes all but the prefill set
+            full, cached = st.step == 0, jnp.where(reset, prefill_set, st.cache_set)
+        need = own_valid & ~cached
+
+        def full_branch(st):
+            st2, logits, own_kv = full_forward(st, slots, want_own_kv=True)
+            return st2._replace(own_buf=own_kv), logits
+
+        return jax.lax.cond(full, full_branch, lambda x: subset_forward(x, slots, need), st)
+
+    def greedy_rows(before, after, i, quota, slots, k):
+        """dKV-Cache-Greedy's rows for step i + 1: W = S_{i+1} (Dream: their predictors)
+        + S_i + up to `window_size` still-masked canvas neighbours of each p in S_{i+1},
+        taken in the block order, nearest first, left before right."""
+        masked = after[:, :g] == c.mask_token_id
+        just = (before[:, :g] == c.mask_token_id) & ~masked  # S_i
+        nxt_blk = select_top(-rank[:, slots].astype(jnp.float32), masked[:, slots],
+                             quota[:, jnp.minimum(i + 1, steps_per_block - 1)])
+        nxt = jnp.zeros((batch, g), bool).at[:, slots].set(nxt_blk)  # S_{i+1}
+        w = jnp.zeros((batch, own_size), bool).at[:, :g].set(just)
+        targets = predictor_slots(jnp.arange(g, dtype=jnp.int32))
+        targets = jnp.where(nxt, targets, own_size)
+        w = jax.vmap(lambda x, t: x.at[t].set(True, mode="drop"))(w, targets)
+        w = w.at[:, :g].set(greedy_window(w[:, :g], masked, nxt, order[:, k], window_size))
+        return w & own_valid
 
     # -- one decoding update of the current block
     def decode(st, logits, step, quota, slots):
@@ -251,19 +386,18 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
         block = st.tokens[:, slots]
         candidates = block == c.mask_token_id
         tokens, conf = choose_tokens(logits, k_tok, s)
-        chosen = select_positions(conf, candidates, step, steps_per_block, quota, k_pos, s)
+        if plan.fixed_order:
+            chosen = select_top(-rank[:, slots].astype(jnp.float32), candidates,
+                                quota[:, step])
+        else:
+            chosen = select_positions(conf, candidates, step, steps_per_block, quota, k_pos,
+                                      s)
         new_block = jnp.where(chosen, tokens, block)
         return st._replace(tokens=st.tokens.at[:, slots].set(new_block), key=key)
 
     def step_forward(st, step, slots, k):
-        if pol.delayed_kv:
-            full = (step <= 1) | (step % plan.refresh_interval == 0)
-
-            def full_branch(st):
-                st2, logits, own_kv = full_forward(st, slots, want_own_kv=True)
-                return st2._replace(own_buf=own_kv), logits
-
-            return jax.lax.cond(full, full_branch, lambda x: delayed_kv_forward(x, slots), st)
+        if pol.dkv is not None:
+            return dkv_forward(st, step, slots)
         if pol.block_cache == "dual":
             rows, pred = block_rows(slots)
             n = jnp.full((batch,), rows.shape[1], jnp.int32)
@@ -294,29 +428,33 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
 
         def body(carry):
             st, i = carry
-            decoded_now = st.tokens != c.mask_token_id
+            before = st.tokens
             st, logits = step_forward(st, i, slots, k)
             st = decode(st, logits, jnp.minimum(i, steps_per_block - 1), quota, slots)
-            if pol.delayed_kv:
-                st = st._replace(prev_decoded=decoded_now)
-            return st, i + 1
+            if pol.dkv in ("decode", "pd"):  # the one-step delay: E_{t-1} is read at t + 1
+                st = st._replace(cache_set=shifted(before != c.mask_token_id, st.step > 0))
+            elif pol.dkv == "greedy":
+                st = st._replace(cache_set=~greedy_rows(before, st.tokens, i, quota, slots, k))
+            return st._replace(step=st.step + 1), i + 1
 
         st, _ = jax.lax.while_loop(cond, body, (st, jnp.int32(first)))
         return st
 
     zeros = jnp.zeros((batch,), jnp.int32)
     own_buf = None
-    if pol.block_cache is not None or pol.delayed_kv:
+    if pol.block_cache is not None or pol.dkv is not None:
         shape = (L, batch, own_size, c.n_kv_heads, c.head_dim)
         dtype = params["embed"].dtype
         own_buf = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    log = jnp.zeros((batch, _max_forwards(plan)), jnp.int32)
     state = _State(
         tokens=own_tokens, key=key, nfe=zeros, rows=zeros, padded=zeros, refreshes=zeros,
-        since_refresh=jnp.int32(plan.refresh_interval),
-        prefix_buf=(prefix_k, prefix_v) if has_prefix else None, own_buf=own_buf,
-        prev_decoded=own_tokens != c.mask_token_id)
+        since_refresh=refresh_interval, prefix_buf=(prefix_k, prefix_v) if has_prefix else None,
+        own_buf=own_buf, cache_set=prefill_set, step=jnp.int32(0), fwd=jnp.int32(0),
+        row_log=log, pad_log=log)
     state = jax.lax.fori_loop(0, num_blocks, block_body, state)
-    return state.tokens[:, :g], state.nfe, state.rows, state.padded, state.refreshes
+    return (state.tokens[:, :g], state.nfe, state.rows, state.padded, state.refreshes,
+            state.row_log, state.pad_log, state.fwd)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -347,7 +485,7 @@ def _as_prompt(item) -> Prompt:
 
 
 def _validate(config, prompts, gen_length, steps, block_length, policy, sampler,
-              refresh_interval, reuse_depth):
+              refresh_interval, reuse_depth, window_size):
     if gen_length <= 0:
         raise ValueError(f"gen_length must be positive, got {gen_length}")
     if steps <= 0:
@@ -361,15 +499,26 @@ def _validate(config, prompts, gen_length, steps, block_length, policy, sampler,
     if steps % num_blocks:
         raise ValueError(f"steps ({steps}) must be divisible by the number of blocks "
                          f"({num_blocks} = gen_length / block_length)")
+    if isinstance(refresh_interval, bool) or int(refresh_interval) != refresh_interval:
+        raise ValueError(f"refresh_interval must be an integer, got {refresh_interval!r}")
     if refresh_interval < 1:
         raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
     if reuse_depth is not None and not 0 <= reuse_depth <= config.n_layers:
         raise ValueError(f"reuse_depth must be in 0..{config.n_layers}, got {reuse_depth}")
     if sampler.cfg_scale > 0 and policy.name != "none":
         raise ValueError("cfg_scale > 0 is supported with policy='none' only")
-    if policy.delayed_kv and config.logits_shift:
-        raise ValueError("dkv_decode is implemented for the LLaDA layout only "
-                         "(Dream's shifted cache positions are not supported yet)")
+    if policy.fixed_order and sampler.remasking != "random":
+        raise ValueError(f"{policy.name} decodes each block in a fixed random order: it needs "
+                         f"SamplerConfig(remasking='random'), got {sampler.remasking!r} (the "
+                         f"public dKV-Cache-Greedy has no confidence-based remasking)")
+    if window_size is not None:
+        if not policy.fixed_order:
+            raise ValueError(f"window_size is a dkv_greedy setting; policy {policy.name!r} "
+                             f"does not take one")
+        if isinstance(window_size, bool) or int(window_size) != window_size:
+            raise ValueError(f"window_size must be an integer, got {window_size!r}")
+        if window_size < 0:
+            raise ValueError(f"window_size must be >= 0, got {window_size}")
     if not prompts:
         raise ValueError("prompts is empty")
     for i, p in enumerate(prompts):
@@ -445,12 +594,53 @@ def _batch_prefix(entries, prefixes, depth, config, dtype):
     return k, v, hidden
 
 
-def _row_buckets(gen_length: int) -> tuple[int, ...]:
+def _row_buckets(max_rows: int) -> tuple[int, ...]:
+    """Static row counts of a dKV cached forward: 8, 16, 32, ... below `max_rows`, and
+    `max_rows` itself (the canvas; Dream: + the last prompt token, the canvas' first
+    predictor)."""
     sizes, n = [], 8
-    while n < gen_length:
+    while n < max_rows:
         sizes.append(n)
         n *= 2
-    return tuple(sizes) + (gen_length,)
+    return tuple(sizes) + (max_rows,)
+
+
+_ORDER_STREAM = 0x6F72  # folded into the key for Greedy's order (the loop keeps `key`)
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "num_blocks", "block_length"))
+def _draw_order(key, batch: int, num_blocks: int, block_length: int):
+    """Greedy's decoding order: per request and block, positions by descending uniform
+    noise (the public code's `torch.rand` + sort), as canvas positions."""
+    noise = jax.random.uniform(jax.random.fold_in(key, _ORDER_STREAM),
+                               (batch, num_blocks, block_length))
+    start = jnp.arange(num_blocks, dtype=jnp.int32)[:, None] * block_length
+    return jnp.argsort(-noise, axis=-1).astype(jnp.int32) + start
+
+
+def _check_order(decode_order, batch: int, gen_length: int, block_length: int) -> np.ndarray:
+    """`decode_order` as [B, num_blocks, block_length] int32, or a clear ValueError."""
+    num_blocks = gen_length // block_length
+    order = np.asarray(decode_order)
+    if order.dtype == bool or not np.issubdtype(order.dtype, np.integer):
+        raise ValueError(f"decode_order must hold integer canvas positions, got dtype "
+                         f"{order.dtype}")
+    if order.shape == (num_blocks, block_length):
+        order = np.broadcast_to(order, (batch, num_blocks, block_length))
+    if order.shape != (batch, num_blocks, block_length):
+        raise ValueError(f"decode_order must have shape [num_blocks, block_length] = "
+                         f"[{num_blocks}, {block_length}] or [batch, num_blocks, "
+                         f"block_length] = [{batch}, {num_blocks}, {block_length}], got "
+                         f"{list(order.shape)}")
+    want = np.arange(gen_length).reshape(num_blocks, block_length)
+    bad = np.argwhere(np.any(np.sort(order, axis=-1) != want, axis=-1))
+    if len(bad):
+        r, k = (int(x) for x in bad[0])
+        raise ValueError(f"decode_order: block {k} (request {r}) must be a permutation of "
+                         f"the canvas positions {k * block_length}..{(k + 1) * block_length - 1}"
+                         f" (positions count from the canvas start), got "
+                         f"{order[r, k].tolist()}")
+    return order.astype(np.int32)
 
 
 def generate(
@@ -468,6 +658,8 @@ def generate(
     reuse_depth: int | None = None,
     refresh_interval: int | None = None,
     ratio_counts_canvas: bool = True,
+    window_size: int | None = None,
+    decode_order=None,
 ) -> GenerateOutput:
     """Generate `gen_length` tokens for each prompt with the chosen cache policy.
 
@@ -486,11 +678,29 @@ def generate(
       reuse_depth: BiCache's b for the whole batch; default: the store's `r -> b` table
         at each request's prefix ratio, and the smallest depth of the batch.
       refresh_interval: N, steps between deep-prefix refreshes (BiCache, default 16) or
-        between full refreshes (dKV-Cache, default 8).
+        between full forwards (dKV-Cache: the public `cache_reloading_step` /
+        `cache_steps`; default 8 for `dkv_decode` and `dkv_pd`, 2 for `dkv_greedy`;
+        `dkv_prefill` never refreshes). Traced: changing it does not recompile.
       ratio_counts_canvas: count the canvas in the prefix ratio (as the official code).
+      window_size: `dkv_greedy` only (default 0): how many still-masked neighbours of each
+        position decoded next are recomputed with it. Traced.
+      decode_order: a fixed per-block decoding order, for `dkv_greedy` or any policy with
+        `SamplerConfig(remasking="random")` (it then replaces the per-step random ranking,
+        so a `none` run with the order of a `dkv_greedy` run recomputes it exactly). Shape
+        [num_blocks, block_length] (the same for every request) or [B, num_blocks,
+        block_length]; entries are canvas positions counted from the canvas start
+        (0..gen_length-1), block k's row a permutation of k*block_length ..
+        (k+1)*block_length-1, earliest-decoded first. Step i of a block unmasks the next
+        `quota[i]` positions of its row. Default for `dkv_greedy`: drawn per request and
+        block from `key` (returned as `stats["decode_order"]`, so a run can be replayed).
 
     Returns:
       `GenerateOutput` (tokens [B, gen_length], nfe [B], stats, updated store).
+
+    Raises:
+      ValueError: on bad input (shapes, ids, lengths, unknown policy, a setting the policy
+        does not take, `dkv_greedy` without random remasking, a `decode_order` that is not
+        a permutation of each block).
     """
     start = time.perf_counter()
     pol = get_policy(policy)
@@ -502,8 +712,17 @@ def generate(
     key = jax.random.key(0) if key is None else key
     prompts = [_as_prompt(p) for p in prompts]
     _validate(config, prompts, gen_length, steps, block_length, pol, sampler,
-              refresh_interval, reuse_depth)
+              refresh_interval, reuse_depth, window_size)
     L, batch = config.n_layers, len(prompts)
+    fixed_order = pol.fixed_order or decode_order is not None
+    order = None
+    if decode_order is not None:
+        if sampler.remasking != "random":
+            raise ValueError(f"decode_order replaces random remasking: it needs "
+                             f"SamplerConfig(remasking='random'), got {sampler.remasking!r}")
+        order = jnp.asarray(_check_order(decode_order, batch, gen_length, block_length))
+    elif fixed_order:
+        order = _draw_order(key, batch, gen_length // block_length, block_length)
 
     if pol.uses_store:
         prefixes = [p.prefix for p in prompts]
@@ -545,20 +764,26 @@ def generate(
 
     plan = _Plan(config=config, sampler=sampler, policy=pol, gen_length=gen_length,
                  steps=steps, block_length=block_length, reuse_depth=batch_depth,
-                 refresh_interval=refresh_interval, row_buckets=_row_buckets(gen_length))
+                 row_buckets=_row_buckets(gen_length + int(config.logits_shift)),
+                 fixed_order=fixed_order)
     before = compile_count()
-    tokens, nfe, rows, padded, refreshes = _denoise(
+    tokens, nfe, rows, padded, refreshes, row_log, pad_log, n_fwd = _denoise(
         params, plan, jnp.asarray(own), jnp.asarray(pos), jnp.asarray(gen_length + u_lens),
-        *prefix_arrays, key)
-    tokens = np.asarray(tokens)
+        *prefix_arrays, _Controls(key, jnp.int32(refresh_interval), jnp.int32(window_size or 0),
+                                  order))
+    tokens, n_fwd = np.asarray(tokens), int(n_fwd)
     stats = {
         "rows_computed": np.asarray(rows), "rows_padded": np.asarray(padded),
+        "rows_per_forward": np.asarray(row_log)[:, :n_fwd],
+        "padded_per_forward": np.asarray(pad_log)[:, :n_fwd],
         "refreshes": np.asarray(refreshes), "prefix_len": p_lens, "reuse_depth": depths,
         "batch_reuse_depth": batch_depth, "store_rows_computed": store_rows,
         "seconds": time.perf_counter() - start, "compiles": compile_count() - before,
     }
+    if order is not None:
+        stats["decode_order"] = np.asarray(order)
     return GenerateOutput(tokens=tokens, nfe=np.asarray(nfe), stats=stats, cache=store)
 
 
 __all__ = ["GenerateOutput", "Prompt", "compile_count", "compute_prefix_entry", "generate",
-           "lookup_depth", "prefix_ratio"]
+           "greedy_window", "lookup_depth", "prefix_ratio"]
