@@ -32,14 +32,17 @@ def _add_sampler_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--block-length", type=int, default=None,
                    help="semi-autoregressive block length (default: gen-length)")
     g.add_argument("--policy", default="none", help="cache policy: none, naive_prefix, "
-                   "bicache, fastdllm_prefix, fastdllm_dual, bicache_dual, dkv_decode")
+                   "bicache, fastdllm_prefix, fastdllm_dual, bicache_dual, dkv_decode, "
+                   "dkv_greedy, dkv_prefill, dkv_pd")
     g.add_argument("--reuse-depth", type=int, default=None,
                    help="BiCache depth b (default: from the model's profiler table)")
     g.add_argument("--refresh-interval", type=int, default=None,
                    help="steps between refreshes (BiCache default 16, dKV default 8)")
-    g.add_argument("--remasking", default="low_confidence",
-                   help="low_confidence, random (LLaDA) or origin, maskgit_plus, "
-                        "topk_margin, entropy (Dream)")
+    g.add_argument("--window-size", type=int, default=None,
+                   help="dkv_greedy: masked neighbours recomputed around each next token")
+    g.add_argument("--remasking", default=None,
+                   help="low_confidence (default; random for dkv_greedy), random (LLaDA) "
+                        "or origin, maskgit_plus, topk_margin, entropy (Dream)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
@@ -52,9 +55,12 @@ def _add_sampler_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _sampler(args):
+    from .policies import get_policy
     from .sampling import SamplerConfig
 
-    return SamplerConfig(remasking=args.remasking, temperature=args.temperature,
+    remasking = args.remasking or ("random" if get_policy(args.policy).fixed_order
+                                   else "low_confidence")
+    return SamplerConfig(remasking=remasking, temperature=args.temperature,
                          top_p=args.top_p, top_k=args.top_k, alg_temp=args.alg_temp,
                          threshold=args.threshold, cfg_scale=args.cfg_scale)
 
@@ -107,7 +113,8 @@ def cmd_generate(args) -> int:
                    gen_length=args.gen_length, steps=args.steps,
                    block_length=args.block_length, policy=args.policy,
                    sampler=_sampler(args), key=jax.random.key(args.seed),
-                   reuse_depth=args.reuse_depth, refresh_interval=args.refresh_interval)
+                   reuse_depth=args.reuse_depth, refresh_interval=args.refresh_interval,
+                   window_size=args.window_size)
     seconds = time.perf_counter() - t0
     tokens = out.tokens[0].tolist()
     text = tok.decode(tokens) if tok is not None else None

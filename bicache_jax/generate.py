@@ -673,7 +673,8 @@ def generate(
       gen_length, steps, block_length: the canvas length, the total number of denoising
         steps, and the semi-autoregressive block length (default: one block).
       policy: one of `policies.POLICIES`.
-      sampler: token choice and remasking (`SamplerConfig`; default LLaDA low-confidence).
+      sampler: token choice and remasking (`SamplerConfig`; default LLaDA low-confidence,
+        or `random` for `dkv_greedy`).
       key: PRNG key (default `jax.random.key(0)`).
       reuse_depth: BiCache's b for the whole batch; default: the store's `r -> b` table
         at each request's prefix ratio, and the smallest depth of the batch.
@@ -704,7 +705,9 @@ def generate(
     """
     start = time.perf_counter()
     pol = get_policy(policy)
-    sampler = sampler or SamplerConfig()
+    # dKV-Cache-Greedy decodes in a fixed random order: its default sampler is `random`.
+    sampler = sampler or SamplerConfig(remasking="random" if pol.fixed_order
+                                       else "low_confidence")
     steps = gen_length if steps is None else steps
     block_length = gen_length if block_length is None else block_length
     refresh_interval = (pol.default_refresh_interval if refresh_interval is None
