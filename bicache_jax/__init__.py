@@ -7,9 +7,10 @@ from .model import PrefixKV, encode_prefix, forward, forward_rows, init_params
 from .policies import POLICIES
 from .prefix_store import PrefixStore
 from .sampling import SamplerConfig
+from .serving import Engine, Request
 from .tokenizer import Tokenizer
 
-__all__ = ["POLICIES", "GenerateOutput", "ModelConfig", "PrefixKV", "PrefixStore", "Prompt",
-           "SamplerConfig", "Tokenizer", "compile_count", "dream_7b", "encode_prefix",
-           "forward", "forward_rows", "generate", "init_params", "llada_8b", "load", "preset",
-           "restore", "save"]
+__all__ = ["POLICIES", "Engine", "GenerateOutput", "ModelConfig", "PrefixKV", "PrefixStore",
+           "Prompt", "Request", "SamplerConfig", "Tokenizer", "compile_count", "dream_7b",
+           "encode_prefix", "forward", "forward_rows", "generate", "init_params", "llada_8b",
+           "load", "preset", "restore", "save"]

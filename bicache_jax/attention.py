@@ -70,4 +70,9 @@ def attention(
         return attention_reference(*args)
     if impl in ("xla", "cudnn"):
         return _attention_xla(*args, impl=impl)
+    from .sharding import current_mesh, pallas_attention_sharded
+
+    mesh = current_mesh()  # set by sharding.generate_sharded (jax.set_mesh)
+    if mesh is not None:  # GSPMD cannot split a Pallas call: shard_map it (batch, heads)
+        return pallas_attention_sharded(mesh, *args)
     return pallas_attention(*args, interpret=jax.default_backend() == "cpu")

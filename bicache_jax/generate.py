@@ -660,6 +660,7 @@ def generate(
     ratio_counts_canvas: bool = True,
     window_size: int | None = None,
     decode_order=None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> GenerateOutput:
     """Generate `gen_length` tokens for each prompt with the chosen cache policy.
 
@@ -694,6 +695,11 @@ def generate(
         (k+1)*block_length-1, earliest-decoded first. Step i of a block unmasks the next
         `quota[i]` positions of its row. Default for `dkv_greedy`: drawn per request and
         block from `key` (returned as `stats["decode_order"]`, so a run can be replayed).
+      mesh: a ("data", "model") mesh (`sharding.make_mesh`): the loop's batch inputs are
+        placed with the batch on "data" (`sharding.shard_inputs`; a batch that is not a
+        multiple of the data axis stays replicated) and jit propagates the shardings.
+        Give params placed with `sharding.shard_params`; `sharding.generate_sharded` pads
+        the batch and calls this.
 
     Returns:
       `GenerateOutput` (tokens [B, gen_length], nfe [B], stats, updated store).
@@ -770,10 +776,15 @@ def generate(
                  row_buckets=_row_buckets(gen_length + int(config.logits_shift)),
                  fixed_order=fixed_order)
     before = compile_count()
+    inputs = (jnp.asarray(own), jnp.asarray(pos), jnp.asarray(gen_length + u_lens),
+              *prefix_arrays)
+    if mesh is not None:  # the batch on "data", prefix KV heads on "model" (sharding.py)
+        from .sharding import shard_inputs
+
+        inputs = shard_inputs(mesh, config, *inputs)
     tokens, nfe, rows, padded, refreshes, row_log, pad_log, n_fwd = _denoise(
-        params, plan, jnp.asarray(own), jnp.asarray(pos), jnp.asarray(gen_length + u_lens),
-        *prefix_arrays, _Controls(key, jnp.int32(refresh_interval), jnp.int32(window_size or 0),
-                                  order))
+        params, plan, *inputs,
+        _Controls(key, jnp.int32(refresh_interval), jnp.int32(window_size or 0), order))
     tokens, n_fwd = np.asarray(tokens), int(n_fwd)
     stats = {
         "rows_computed": np.asarray(rows), "rows_padded": np.asarray(padded),
