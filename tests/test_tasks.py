@@ -1,0 +1,108 @@
+"""The shared-prefix task suite: answers right by construction (independent checker),
+determinism, train / eval seed split, prefix-ratio coverage, tokenizer round trip."""
+
+import numpy as np
+import pytest
+
+from bicache_jax import tasks
+from bicache_jax.train import TrainConfig, train_instances
+
+
+@pytest.mark.parametrize("family", tasks.FAMILIES)
+def test_checker_agrees_with_generator(family):
+    seeds = [*range(300), *range(tasks.EVAL_SEED_START, tasks.EVAL_SEED_START + 100)]
+    for seed in seeds:
+        for q in range(2):
+            inst = tasks.make_instance(family, seed, q)
+            assert tasks.check_answer(inst.prefix_text, inst.prompt_text) == inst.answer_text
+            assert tasks.encode(inst.answer_text) == list(inst.answer_ids)
+            assert 1 <= len(inst.answer_ids) < tasks.GEN_LENGTH
+            assert tasks.UNK_ID not in inst.prefix_ids + inst.prompt_ids + inst.answer_ids
+            assert inst.prefix_ids[0] == tasks.BOS_ID
+            assert inst.prefix_ids[-1] == inst.prompt_ids[-1] == tasks.SEP_ID
+
+
+def test_checker_hand_examples():
+    assert tasks.check_answer("<bos> system : facts . kab = 4 7 ; dov = 1 ; <sep>",
+                              "note : nice . question : what is dov and kab ? <sep>") == "1 , 4 7"
+    assert tasks.check_answer("<bos> system : examples . A B -> C D ; B E -> D F ; <sep>",
+                              "input : E A B -> ? <sep>") == "F C D"
+    chat = ("<bos> system : chat . user : the city of kab is rome . assistant : ok . "
+            "user : tell me something . assistant : rain . "
+            "user : now the city of kab is oslo . assistant : noted . <sep>")
+    assert tasks.check_answer(chat, "user : what is the city of kab ? assistant : <sep>") == "oslo"
+    with pytest.raises(ValueError):
+        tasks.check_answer(chat, "user : what is the pet of kab ? assistant : <sep>")
+    with pytest.raises(ValueError):
+        tasks.check_answer("<bos> system : facts . kab = 4 ; <sep>",
+                           "question : what is dov ? <sep>")
+    with pytest.raises(ValueError):  # inconsistent substitution
+        tasks.check_answer("<bos> system : examples . A B -> C D ; A -> E ; <sep>",
+                           "input : A -> ? <sep>")
+
+
+@pytest.mark.parametrize("family", tasks.FAMILIES)
+def test_deterministic_and_shared_prefix(family):
+    a = tasks.generate_instances(family, 123, 12, questions_per_prefix=4)
+    b = tasks.generate_instances(family, 123, 12, questions_per_prefix=4)
+    assert a == b and [x.meta for x in a] == [x.meta for x in b]
+    for g in range(3):
+        group = a[4 * g:4 * g + 4]
+        assert len({x.prefix_ids for x in group}) == 1  # one shared prefix per seed
+        assert len({x.prompt_ids for x in group}) > 1
+    assert len({x.prefix_ids for x in tasks.generate_instances(family, 0, 50)}) == 50
+
+
+def test_eval_seeds_disjoint_from_training():
+    ev = tasks.eval_instances(20, questions_per_prefix=2)
+    assert len(ev) == 20 * len(tasks.FAMILIES)
+    assert all(x.meta["seed"] >= tasks.EVAL_SEED_START for x in ev)
+    with pytest.raises(ValueError):
+        tasks.eval_instances(4, seed=tasks.EVAL_SEED_START - 1)
+    tc = TrainConfig(batch_size=16)
+    for step in range(20):
+        instances = train_instances(tc, step)
+        assert all(x.meta["seed"] < tasks.EVAL_SEED_START for x in instances)
+    # ... and the training prefixes of a long stretch never equal an eval prefix.
+    eval_prefixes = {x.prefix_ids for x in tasks.eval_instances(100)}
+    train_prefixes = {x.prefix_ids for s in range(50) for x in train_instances(tc, s)}
+    assert not eval_prefixes & train_prefixes
+
+
+@pytest.mark.parametrize("family", tasks.FAMILIES)
+def test_prefix_ratio_coverage(family):
+    insts = tasks.generate_instances(family, tasks.EVAL_SEED_START, 400)
+    ratios = np.array([x.prefix_ratio for x in insts])
+    assert ratios.min() <= 0.15 and ratios.max() >= 0.92
+    hist, _ = np.histogram(ratios, bins=np.linspace(0.1, 0.95, 10))
+    assert (hist > 0).all(), hist
+    ctx = np.array([x.context_len for x in insts])
+    assert ctx.max() + tasks.GEN_LENGTH <= 256
+    assert np.abs(ratios - [x.meta["target_ratio"] for x in insts]).mean() < 0.1
+
+
+def test_is_correct():
+    inst = tasks.make_instance("facts", 5)
+    n = len(inst.answer_ids)
+    canvas = list(inst.response_ids())
+    assert tasks.is_correct(canvas, inst)
+    assert tasks.is_correct(canvas[:n + 1] + [tasks.TOKEN_ID["7"]] * (7 - n), inst)
+    assert not tasks.is_correct(canvas[:n] + [tasks.TOKEN_ID["7"]] * (8 - n), inst)
+    assert not tasks.is_correct([tasks.EOS_ID] * 8, inst)
+
+
+def test_tokenizer_round_trip(tmp_path):
+    from tokenizers import Tokenizer
+
+    tasks.build_tokenizer(tmp_path)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.get_vocab_size() == tasks.VOCAB_SIZE
+    for name, i in [("<pad>", tasks.PAD_ID), ("<mask>", tasks.MASK_ID),
+                    ("<eos>", tasks.EOS_ID), ("<bos>", tasks.BOS_ID)]:
+        assert tok.token_to_id(name) == i
+    for fam in tasks.FAMILIES:
+        inst = tasks.make_instance(fam, 9)
+        text = inst.prefix_text + " " + inst.prompt_text + " " + inst.answer_text
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert ids == list(inst.prefix_ids + inst.prompt_ids + inst.answer_ids)
+        assert tok.decode(ids, skip_special_tokens=False) == text
