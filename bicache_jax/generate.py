@@ -660,6 +660,7 @@ def generate(
     ratio_counts_canvas: bool = True,
     window_size: int | None = None,
     decode_order=None,
+    decode_on_block_start: bool | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> GenerateOutput:
     """Generate `gen_length` tokens for each prompt with the chosen cache policy.
@@ -695,6 +696,10 @@ def generate(
         (k+1)*block_length-1, earliest-decoded first. Step i of a block unmasks the next
         `quota[i]` positions of its row. Default for `dkv_greedy`: drawn per request and
         block from `key` (returned as `stats["decode_order"]`, so a run can be replayed).
+      decode_on_block_start: block-cache policies only: whether the block-start forward's
+        logits decode (Fast-dLLM: `steps_per_block` forwards a block) or the forward only
+        builds the cache (the official BiCache + Fast-dLLM schedule, `bicache_dual`'s
+        default: one more forward per block). None keeps the policy's default.
       mesh: a ("data", "model") mesh (`sharding.make_mesh`): the loop's batch inputs are
         placed with the batch on "data" (`sharding.shard_inputs`; a batch that is not a
         multiple of the data axis stays replicated) and jit propagates the shardings.
@@ -711,6 +716,11 @@ def generate(
     """
     start = time.perf_counter()
     pol = get_policy(policy)
+    if decode_on_block_start is not None:
+        if pol.block_cache is None:
+            raise ValueError(f"decode_on_block_start applies to block-cache policies "
+                             f"(fastdllm_prefix, fastdllm_dual, bicache_dual), not {policy!r}")
+        pol = dataclasses.replace(pol, decode_on_block_start=bool(decode_on_block_start))
     # dKV-Cache-Greedy decodes in a fixed random order: its default sampler is `random`.
     sampler = sampler or SamplerConfig(remasking="random" if pol.fixed_order
                                        else "low_confidence")
