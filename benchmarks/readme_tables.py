@@ -1,0 +1,59 @@
+"""Regenerate the README's result tables from the JSON under benchmarks/results/.
+
+    python benchmarks/readme_tables.py
+
+Replaces the text between `<!-- results:start -->` and `<!-- results:end -->` in README.md,
+so every number quoted there comes from a result file, never typed by hand.
+"""
+
+import json
+from pathlib import Path
+
+from bicache_jax import bench, evaluate
+
+ROOT = Path(__file__).parent.parent
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def throughput_section(path: Path) -> str:
+    result = json.loads(path.read_text())
+    s = result["settings"]
+    head = (f"### Throughput: `{path.name}`\n\n"
+            f"Device: {result['device']['device_kind']} ({result['device']['platform']}), "
+            f"jax {result['jax_version']}, commit `{result['git_commit'][:10]}`, "
+            f"model `{s['model']}` ({result['weights']}), gen_length {s['gen_length']}, "
+            f"{s['steps']} steps, block {s['block_length']}, refresh every "
+            f"{s['refresh_interval']}, prompt {s['prompt_len']} tokens; peak "
+            f"{result['peak_tflops']:.3g} TFLOP/s ({result['peak_source']}). `floor s` = "
+            f"FLOPs the call must do / peak. BiCache reuse depth b = "
+            f"{sorted({r['reuse_depth'] for r in result['results'] if 'bicache' in r['policy']})}"
+            f" of {result['model_config']['n_layers']} layers.\n\n")
+    speed = bench.speedups(result)
+    lines = ["| pair | prefix ratio % | batch | speedup |", "|---|---|---|---|"]
+    lines += [f"| {r['pair']} | {r['ratio']} | {r['batch']} | {r['speedup']:.2f}x |"
+              for r in speed]
+    return head + "\n".join(lines) + "\n\n<details><summary>every configuration</summary>\n\n" \
+        + bench.markdown_table(result).split("\n\n| pair")[0] + "\n\n</details>\n"
+
+
+def eval_section(path: Path) -> str:
+    result = json.loads(path.read_text())
+    return (f"### Accuracy: `{path.name}`\n\n{result['n_instances']} held-out instances, "
+            f"device {result['device']}, jax {result['jax_version']}, r -> b table "
+            f"{result['depth_table']}.\n\n" + evaluate.markdown_table(result) + "\n")
+
+
+def main() -> None:
+    results = ROOT / "benchmarks" / "results"
+    parts = [throughput_section(p) for p in sorted(results.glob("throughput_*.json"))]
+    parts += [eval_section(p) for p in sorted(results.glob("eval_*.json"))]
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    before, rest = text.split(START)
+    _, after = rest.split(END)
+    readme.write_text(before + START + "\n" + "\n".join(parts) + END + after)
+    print(f"updated {readme} from {len(parts)} result file(s)")
+
+
+if __name__ == "__main__":
+    main()
