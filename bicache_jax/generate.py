@@ -484,6 +484,13 @@ def _as_prompt(item) -> Prompt:
     return Prompt(prompt=tuple(item))
 
 
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or int(value) != value:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def _validate(config, prompts, gen_length, steps, block_length, policy, sampler,
               refresh_interval, reuse_depth, window_size):
     if gen_length <= 0:
@@ -499,10 +506,7 @@ def _validate(config, prompts, gen_length, steps, block_length, policy, sampler,
     if steps % num_blocks:
         raise ValueError(f"steps ({steps}) must be divisible by the number of blocks "
                          f"({num_blocks} = gen_length / block_length)")
-    if isinstance(refresh_interval, bool) or int(refresh_interval) != refresh_interval:
-        raise ValueError(f"refresh_interval must be an integer, got {refresh_interval!r}")
-    if refresh_interval < 1:
-        raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
+    _check_int("refresh_interval", refresh_interval, minimum=1)
     if reuse_depth is not None and not 0 <= reuse_depth <= config.n_layers:
         raise ValueError(f"reuse_depth must be in 0..{config.n_layers}, got {reuse_depth}")
     if sampler.cfg_scale > 0 and policy.name != "none":
@@ -515,10 +519,7 @@ def _validate(config, prompts, gen_length, steps, block_length, policy, sampler,
         if not policy.fixed_order:
             raise ValueError(f"window_size is a dkv_greedy setting; policy {policy.name!r} "
                              f"does not take one")
-        if isinstance(window_size, bool) or int(window_size) != window_size:
-            raise ValueError(f"window_size must be an integer, got {window_size!r}")
-        if window_size < 0:
-            raise ValueError(f"window_size must be >= 0, got {window_size}")
+        _check_int("window_size", window_size, minimum=0)
     if not prompts:
         raise ValueError("prompts is empty")
     for i, p in enumerate(prompts):

@@ -21,36 +21,8 @@ def _rope(x, pos, theta):
 
 
 def numpy_forward(params, config, tokens, length=None):
-    """Logits [T, V] (float64) of one unpadded sequence `tokens[:length]` (plus padding rows)."""
-    p = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
-    tokens = np.asarray(tokens)
-    t = len(tokens)
-    length = t if length is None else length
-    x = np.asarray(params["embed"], np.float64)[tokens]
-    pos = np.arange(t, dtype=np.float64)
-    hq, hkv, d = config.n_heads, config.n_kv_heads, config.head_dim
-    valid = np.arange(t) < length
-    for layer in range(config.n_layers):
-        h = _rms(x, p["attn_norm"][layer], config.norm_eps)
-        q, k, v = h @ p["wq"][layer], h @ p["wk"][layer], h @ p["wv"][layer]
-        if config.qkv_bias:
-            q, k, v = q + p["bq"][layer], k + p["bk"][layer], v + p["bv"][layer]
-        q = _rope(q.reshape(t, hq, d), pos, config.rope_theta)
-        k = _rope(k.reshape(t, hkv, d), pos, config.rope_theta)
-        v = v.reshape(t, hkv, d)
-        out = np.zeros((t, hq, d))
-        for head in range(hq):
-            kh = head // (hq // hkv)
-            s = q[:, head] @ k[:, kh].T / np.sqrt(d)
-            s = np.where(valid[None, :], s, -np.inf)
-            s = np.exp(s - s.max(axis=-1, keepdims=True))
-            out[:, head] = (s / s.sum(axis=-1, keepdims=True)) @ v[:, kh]
-        x = x + out.reshape(t, hq * d) @ p["wo"][layer]
-        h = _rms(x, p["mlp_norm"][layer], config.norm_eps)
-        gate = h @ p["w_gate"][layer]
-        x = x + (gate / (1 + np.exp(-gate)) * (h @ p["w_up"][layer])) @ p["w_down"][layer]
-    x = _rms(x, np.asarray(params["final_norm"], np.float64), config.norm_eps)
-    return x @ np.asarray(params["lm_head"], np.float64)
+    """Logits [T, V] (float64) of one sequence whose keys beyond `length` are padding."""
+    return numpy_forward_kv(params, config, tokens, length=length)[0]
 
 
 def rel_err(a, b) -> float:
@@ -58,13 +30,16 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def numpy_forward_kv(params, config, tokens, override=None):
-    """Like `numpy_forward` for one full sequence, also returning per-layer K (after RoPE)
-    and V; `override = (K, V, positions)` substitutes cached K/V at those positions in
-    every layer (the fixed-shape form of a cached forward)."""
+def numpy_forward_kv(params, config, tokens, override=None, length=None):
+    """Logits [T, V] (float64) of one sequence plus per-layer K (after RoPE) and V.
+
+    Keys at positions `>= length` are masked (padding). `override = (K, V, positions)`
+    substitutes cached K/V at those positions in every layer (the fixed-shape form of a
+    cached forward)."""
     p = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
     tokens = np.asarray(tokens)
     t = len(tokens)
+    valid = np.arange(t) < (t if length is None else length)
     x = np.asarray(params["embed"], np.float64)[tokens]
     pos = np.arange(t, dtype=np.float64)
     hq, hkv, d = config.n_heads, config.n_kv_heads, config.head_dim
@@ -85,9 +60,10 @@ def numpy_forward_kv(params, config, tokens, override=None):
         out = np.zeros((t, hq, d))
         for head in range(hq):
             kh = head // (hq // hkv)
-            s = q[:, head] @ k[:, kh].T / np.sqrt(d)
+            s = np.where(valid[None, :], q[:, head] @ k[:, kh].T / np.sqrt(d), -np.inf)
             s = np.exp(s - s.max(axis=-1, keepdims=True))
-            out[:, head] = (s / s.sum(axis=-1, keepdims=True)) @ v[:, kh]
+            out[:, head] = (s / s.sum(axis=-1, keepdims=True)) @ np.where(
+                valid[:, None], v[:, kh], 0)
         x = x + out.reshape(t, hq * d) @ p["wo"][layer]
         h = _rms(x, p["mlp_norm"][layer], config.norm_eps)
         gate = h @ p["w_gate"][layer]
