@@ -148,7 +148,9 @@ def run(settings: BenchSettings, *, params=None, depth_table=None, progress=prin
                           block_length=settings.block_length, policy=policy,
                           refresh_interval=(settings.refresh_interval
                                             if policy in ("bicache", "bicache_dual") else None),
-                          reuse_depth=depth if "bicache" in policy else None)
+                          reuse_depth=depth if "bicache" in policy else None,
+                          # dKV-Cache-Greedy at the public README setting (N=2, w=4)
+                          window_size=4 if POLICIES[policy].fixed_order else None)
                 store = PrefixStore(depth_table=table, budget_tokens=max(5000, 2 * p))
                 before = compile_count()
                 t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from .prefix_store import PrefixStore
 from .tasks import answer_from_canvas
 
 EVAL_POLICIES = ("none", "naive_prefix", "bicache", "fastdllm_dual", "bicache_dual",
-                 "fastdllm_prefix", "dkv_decode")
+                 "fastdllm_prefix", "dkv_decode", "dkv_greedy", "dkv_prefill", "dkv_pd")
 RATIO_BUCKETS = ((0, 30), (30, 50), (50, 70), (70, 90), (90, 101))
 
 
@@ -63,6 +63,7 @@ def run_eval(params, config, instances, settings: EvalSettings, depth_table,
             chunk = prompts[start:start + settings.batch_size]
             t0 = time.perf_counter()
             out = generate(params, chunk, store, policy=policy, refresh_interval=refresh,
+                           window_size=4 if POLICIES[policy].fixed_order else None,
                            key=jax.random.key(start), **kw)
             dt = time.perf_counter() - t0
             if out.stats["compiles"]:

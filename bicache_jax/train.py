@@ -143,7 +143,7 @@ LogitsFn = Callable[[dict, ModelConfig, Array, Array], Array]
 
 
 def diffusion_loss(params: dict, config: ModelConfig, batch: Batch, key: jax.Array, *,
-                   eps: float = EPS, stratified: bool = False,
+                   eps: float = EPS, stratified: bool = False, weighting: str = "elbo",
                    logits_fn: LogitsFn | None = None) -> tuple[Array, dict]:
     """The masked-diffusion loss of `batch` (pretraining / SFT per row, see module doc).
 
@@ -155,6 +155,11 @@ def diffusion_loss(params: dict, config: ModelConfig, batch: Batch, key: jax.Arr
     fn = forward if logits_fn is None else logits_fn
     logits = fn(params, config, noisy, batch.lengths)
     normaliser = jnp.sum(eligible_mask(batch), axis=1).astype(jnp.float32)
+    if weighting == "flat":  # experiment: CE averaged over masked tokens, no 1/t
+        t = jnp.ones_like(t)
+        normaliser = jnp.sum(masked, axis=1).astype(jnp.float32)
+    elif weighting != "elbo":
+        raise ValueError(f"weighting must be 'elbo' or 'flat', got {weighting!r}")
     loss, per_seq = masked_diffusion_loss(logits, batch.tokens, masked, t, normaliser)
     return loss, {"per_seq": per_seq, "t": t, "masked": masked}
 
@@ -228,6 +233,7 @@ class TrainConfig:
     pretrain_frac: float = 0.0
     max_qa: int = 1  # requests packed per training row (1..max_qa, sharing the prefix)
     stratified_t: bool = True
+    weighting: str = "elbo"
     gen_length: int = tasks.GEN_LENGTH
     context_min: int = tasks.DEFAULT_CONTEXT[0]
     context_max: int = tasks.DEFAULT_CONTEXT[1]
@@ -425,7 +431,8 @@ def make_train_step(tc: TrainConfig):
         key = jax.random.fold_in(base_key, step)
 
         def loss_fn(p):
-            return diffusion_loss(p, config, batch, key, stratified=tc.stratified_t)
+            return diffusion_loss(p, config, batch, key, stratified=tc.stratified_t,
+                                  weighting=tc.weighting)
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
