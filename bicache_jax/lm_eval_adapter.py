@@ -35,7 +35,7 @@ generative tasks (`output_type: generate_until`).
 
 Importing this module never needs `lm_eval`; when `lm_eval` is installed the class
 subclasses `lm_eval.api.model.LM` and is registered as "bicache_jax". From the command
-line: `python -m bicache_jax.lm_eval_adapter --model bicache_jax --model_args
+line: `python -m bicache_jax.lm_eval_adapter run --model bicache_jax --model_args
 pretrained=PATH,system_prompt=... --tasks TASK` (lm_eval's CLI with this model
 registered). `lm_eval` is installed with `pip install lm-eval`.
 """
