@@ -561,9 +561,7 @@ def _fill_store(params, config, store: PrefixStore, prefixes):
             store = store.touch(ids)
             entries[ids] = hit
             continue
-        if len(ids) > store.budget_tokens:
-            raise ValueError(f"prefix of {len(ids)} tokens exceeds the store budget of "
-                             f"{store.budget_tokens} tokens")
+        store.check_fits(len(ids))  # before paying for the forward
         entry = compute_prefix_entry(params, config, ids)
         computed_rows += len(ids) * config.n_layers
         store = store.insert(entry)

@@ -98,6 +98,13 @@ class PrefixStore:
                 "bytes_held": self.bytes_held, "budget_tokens": self.budget_tokens,
                 **dataclasses.asdict(self.stats)}
 
+    def check_fits(self, n_tokens: int) -> None:
+        """Raise if a prefix of `n_tokens` can never fit (checked before computing it)."""
+        if n_tokens > self.budget_tokens:
+            raise ValueError(
+                f"prefix of {n_tokens} tokens exceeds the store budget of "
+                f"{self.budget_tokens} tokens; raise budget_tokens or shorten the prefix")
+
     # -- updates (each returns a new store)
     def touch(self, ids: Sequence[int]) -> PrefixStore:
         """Record a hit: move the entry to the most-recently-used end."""
@@ -112,10 +119,7 @@ class PrefixStore:
     def insert(self, entry: StoredPrefix) -> PrefixStore:
         """Add an entry (a miss), evicting least-recently-used ones to fit the budget."""
         n = len(entry.ids)
-        if n > self.budget_tokens:
-            raise ValueError(
-                f"prefix of {n} tokens exceeds the store budget of {self.budget_tokens} "
-                f"tokens; raise budget_tokens or shorten the prefix")
+        self.check_fits(n)
         if self.find(entry.ids) is not None:
             return self.touch(entry.ids)
         buckets = {h: list(b) for h, b in self._buckets.items()}
