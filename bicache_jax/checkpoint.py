@@ -4,7 +4,8 @@ A bicache_jax checkpoint is a directory:
 
     params/                  the params pytree, written by orbax (StandardCheckpointer)
     config.json              our `ModelConfig` as JSON (`ModelConfig.to_json`)
-    bicache_table.json       optional: the profiled reuse table (any JSON value)
+    bicache_table.json       optional: the profiler's r -> b table (a plain `{r: b}` table
+                             or a whole `ProfileResult` JSON with per-layer scores)
     bicache_checkpoint.json  marker {"format": "bicache_jax", "version": 1}, written last
 
 `save` writes everything into a temporary sibling directory and renames it into place
@@ -29,6 +30,7 @@ from .config import ModelConfig
 from .convert.convert import DType, convert_hf
 from .convert.hf_config import read_hf_config
 from .convert.key_maps import ParamPath, param_shapes
+from .profiler import parse_table
 
 MARKER_FILE = "bicache_checkpoint.json"
 PARAMS_DIR = "params"
@@ -92,7 +94,11 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def save(path: str | Path, params: Params, config: ModelConfig,
          profile_table: Any = None, *, overwrite: bool = False) -> Path:
-    """Write `params`, `config` and an optional JSON `profile_table` to directory `path`.
+    """Write `params`, `config` and an optional `profile_table` to directory `path`.
+
+    `profile_table` is the profiler's `r -> b` table, plain or as a whole profile result
+    (`json.loads(ProfileResult.to_json())`, kept with its scores); see
+    `profiler.parse_table`.
 
     Atomic: the checkpoint is assembled in a temporary sibling directory and renamed
     into place when complete; on any error nothing is left behind. An existing `path`
@@ -106,9 +112,10 @@ def save(path: str | Path, params: Params, config: ModelConfig,
     table_text = None
     if profile_table is not None:
         try:
-            table_text = json.dumps(profile_table, indent=2, sort_keys=True)
+            parse_table(profile_table)
+            table_text = json.dumps(profile_table, indent=1)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path / TABLE_FILE}: profile_table is not JSON-serialisable: "
+            raise ValueError(f"{path / TABLE_FILE}: profile_table is not a reuse table: "
                              f"{e}") from e
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -194,7 +201,12 @@ def restore(path: str | Path, dtype: DType | Any = None
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{config_path}: not a valid ModelConfig: {e}") from e
     table_path = path / TABLE_FILE
-    table = _read_json(table_path) if table_path.is_file() else None
+    table = None
+    if table_path.is_file():
+        try:
+            table = parse_table(_read_json(table_path))
+        except ValueError as e:
+            raise ValueError(f"{table_path}: {e}") from e
 
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():

@@ -50,11 +50,32 @@ class ProfileResult:
         Path(path).write_text(self.to_json())
 
 
+def parse_table(data) -> dict[int, int]:
+    """The `r -> b` table of a profile result (`ProfileResult.to_json`'s object) or of a
+    plain `{r: b}` mapping; JSON string keys become ints.
+
+    Raises ValueError unless every r is an integer percent in [0, 100] and every b an
+    integer >= 0.
+    """
+    table = data.get("table", data) if isinstance(data, dict) else data
+    if not isinstance(table, dict):
+        raise ValueError(f"a reuse table is a mapping r -> b, got {type(table).__name__}")
+    out = {}
+    for r, b in table.items():
+        try:
+            ri, bi = int(r), int(b)
+        except (TypeError, ValueError):
+            raise ValueError(f"reuse table entry {r!r}: {b!r} is not integer r -> b") from None
+        if str(ri) != str(r).strip() or bi != b or not 0 <= ri <= 100 or bi < 0:
+            raise ValueError(f"reuse table entry {r!r}: {b!r}: want an integer percent r in "
+                             f"[0, 100] and an integer depth b >= 0")
+        out[ri] = bi
+    return dict(sorted(out.items()))
+
+
 def load_table(path: str | Path) -> dict[int, int]:
-    """Read the `r -> b` table of a saved profile (JSON keys become ints)."""
-    data = json.loads(Path(path).read_text())
-    table = data["table"] if "table" in data else data
-    return {int(r): int(b) for r, b in table.items()}
+    """Read the `r -> b` table of a saved profile or plain table file (see `parse_table`)."""
+    return parse_table(json.loads(Path(path).read_text()))
 
 
 def read_pairs(path: str | Path) -> list[tuple[list[int], list[int]]]:

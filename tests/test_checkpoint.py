@@ -14,7 +14,7 @@ from hf_fixtures import dream_folder, llada_folder
 from bicache_jax import checkpoint
 from bicache_jax.config import ModelConfig, tiny_dream
 
-TABLE = {"ratio_buckets": [0.25, 0.5, 1.0], "reuse_depth": [32, 20, 8], "note": "héllo"}
+TABLE = {10: 0, 45: 2, 80: 3}  # the profiler's r -> b staircase
 
 
 def init_params(config, key, dtype=jnp.float32):
@@ -104,9 +104,12 @@ def test_existing_path_and_overwrite(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileExistsError, match="empty: already exists"):
         checkpoint.save(tmp_path / "empty", p2, config)
-    checkpoint.save(path, p2, config, {"v": 2}, overwrite=True)
+    # A whole profile result (JSON keys are strings) is kept; restore returns its table.
+    result = {"threshold": 0.9, "table": {"20": 1, "60": 2}, "scores": {"20": [0.99, 0.5]}}
+    checkpoint.save(path, p2, config, result, overwrite=True)
     restored, _, table = checkpoint.restore(path)
-    assert table == {"v": 2}
+    assert table == {20: 1, 60: 2}
+    assert json.loads((path / checkpoint.TABLE_FILE).read_text()) == result
     assert_bit_equal(p2, restored)
     assert only_entry(tmp_path) == ["c", "empty"]
 
@@ -114,8 +117,10 @@ def test_existing_path_and_overwrite(tmp_path):
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     config = tiny_dream()
     params = init_params(config, jax.random.key(0))
-    with pytest.raises(ValueError, match=r"bicache_table.json: profile_table is not JSON"):
+    with pytest.raises(ValueError, match=r"bicache_table.json: profile_table is not a reuse"):
         checkpoint.save(tmp_path / "a", params, config, {"x": object()})
+    with pytest.raises(ValueError, match=r"bicache_table.json: profile_table is not a reuse"):
+        checkpoint.save(tmp_path / "a", params, config, {"150": 2})
     wrong = tiny_dream().replace(mlp_dim=40)
     with pytest.raises(ValueError, match=r"w_gate has shape \[3, 32, 48\], the config wants "
                                          r"\[3, 32, 40\]"):
@@ -216,6 +221,11 @@ def test_restore_and_load_errors_name_the_file(tmp_path):
     (partial / checkpoint.MARKER_FILE).unlink()
     with pytest.raises(ValueError, match=r"partial/config.json: has no 'model_type'"):
         checkpoint.load(partial)
+
+    (path / checkpoint.TABLE_FILE).write_text('{"table": {"30": "deep"}}')
+    with pytest.raises(ValueError, match=r"c/bicache_table.json: reuse table entry '30'"):
+        checkpoint.restore(path)
+    (path / checkpoint.TABLE_FILE).unlink()
 
     (path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"c/config.json: not a valid ModelConfig"):
