@@ -277,7 +277,7 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
             own_kv = None if out.own_kv is None else tuple(out.own_kv)
             return st, head(hid), own_kv
 
-        if has_prefix and pol.refreshes:
+        if has_prefix and pol.refreshes and b < L:  # at b = L no layer is left to refresh
             due = st.since_refresh >= refresh_interval
             return jax.lax.cond(due, lambda x: run(x, True), lambda x: run(x, False), st)
         return run(st, False)

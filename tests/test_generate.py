@@ -69,6 +69,13 @@ def test_depth_L_minus_1_equals_naive_prefix(models, name):
     bic = _run(models[name], prompts, policy="bicache", reuse_depth=cfg.n_layers - 1,
                refresh_interval=2)
     np.testing.assert_array_equal(bic.tokens, naive.tokens)
+    # b = L (a profiler table may say so): nothing left to refresh, the naive cache again.
+    for policy in ("bicache", "bicache_dual"):
+        full = _run(models[name], prompts, policy=policy, reuse_depth=cfg.n_layers,
+                    refresh_interval=2)
+        assert not full.stats["refreshes"].any()
+        if policy == "bicache":
+            np.testing.assert_array_equal(full.tokens, naive.tokens)
 
 
 @pytest.mark.parametrize("policy", ["none", "bicache", "fastdllm_dual", "bicache_dual",
