@@ -166,22 +166,30 @@ def cmd_demo(args) -> int:
     return run_demo(model=args.model, requests=args.requests)
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(argv: list[str]) -> int:
     from .bench import main as bench_main
 
-    return bench_main(args.rest)
+    return bench_main(argv)
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(argv: list[str]) -> int:
     from .evaluate import main as eval_main
 
-    return eval_main(args.rest)
+    return eval_main(argv)
 
 
-def cmd_train(args) -> int:
+def cmd_train(argv: list[str]) -> int:
     from .train import train_main
 
-    return train_main(args.rest)
+    train_main(argv)
+    return 0
+
+
+# Commands with their own argument parser: everything after the name is theirs (argparse's
+# REMAINDER would drop a leading option such as `eval --n-per-family 4`).
+DELEGATED = {"bench": (cmd_bench, "throughput sweep (see bench --help)"),
+             "eval": (cmd_eval, "accuracy of every policy (see eval --help)"),
+             "train": (cmd_train, "train the small default model (see train --help)")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,18 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="table JSON (default: MODEL/bicache_table.json)")
     p.set_defaults(func=cmd_profile)
 
-    for name, func, text in (("bench", cmd_bench, "throughput sweep (see bench --help)"),
-                             ("eval", cmd_eval, "accuracy of every policy"),
-                             ("train", cmd_train, "train the small default model")):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=func)
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)  # listed in --help; see main
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
+        if argv and argv[0] in DELEGATED:
+            return DELEGATED[argv[0]][0](argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)

@@ -23,6 +23,15 @@ def test_help_lists_every_command():
         assert cmd in out
 
 
+def test_delegated_commands_take_their_own_options():
+    for cmd, option in (("eval", "--n-per-family"), ("bench", "--scale"),
+                        ("train", "--recall-frac")):
+        assert option in run(cmd, "--help").stdout
+    proc = subprocess.run([*CLI, "eval", "--policies", "nope"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "unknown policy 'nope'" in proc.stderr
+
+
 def test_convert_generate_profile(tmp_path):
     hf, cfg, _ = llada_folder(tmp_path / "hf")
     ckpt = tmp_path / "ckpt"
