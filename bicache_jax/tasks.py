@@ -4,11 +4,12 @@ Every instance looks like a served request: a long shared **prefix** (a "system 
 the answer depends on), a short per-request **prompt** (optional filler, then a question)
 and a short **answer**. Three families:
 
-* `facts`: a table `key = digits ;` in the prefix; the question asks for the value of one
-  key (`what is kab ?` -> `4 7 2`) or of two (`what is kab and dov ?` -> `4 7 2 , 1 8`).
-* `fewshot`: examples `A C B -> Q X R ;` in the prefix define a per-instance symbol
-  substitution (applied position by position); the question gives a new input made of
-  symbols the examples cover (`input : C A -> ?` -> `X Q`).
+* `facts`: a table `key = value ;` (values are the number words `10` .. `41`) in the
+  prefix; the question asks for the value of one key (`what is kab ?` -> `47`).
+* `fewshot`: examples `A C -> Q X ;` in the prefix define a per-instance symbol
+  substitution (applied position by position); the question asks for the image of one
+  symbol the examples cover (`input : C -> ?` -> `X`), which no single example pair
+  states on its own: its position inside an example decides its image.
 * `dialog`: a multi-turn chat in the prefix where user turns state facts
   (`the city of kab is rome .`), later statements overriding earlier ones (`now the city
   of kab is oslo .`), between chit-chat turns; the last turn asks about one of them
@@ -53,15 +54,16 @@ PUNCT = (":", "=", ";", "?", ".", ",", "->")
 TEMPLATE_WORDS = (
     "system", "facts", "examples", "chat", "note", "question", "what", "is", "and", "input",
     "user", "assistant", "the", "of", "now", "ok", "noted", "sure", "thanks", "got", "it",
-    "tell", "me", "something", "about")
+    "tell", "me", "something", "about", "recall")
 DIGITS = tuple(str(i) for i in range(10))
+NUMBERS = tuple(str(i) for i in range(10, 42))  # the 32 facts values, one token each
 SYMBOLS = tuple(chr(ord("A") + i) for i in range(26))
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
-# 64 three-letter key / person names: consonant-vowel-consonant, a fixed deterministic pick.
+# 32 three-letter key / person names: consonant-vowel-consonant, a fixed deterministic pick.
 NAMES = tuple(
     _CONSONANTS[i % 14] + _VOWELS[(i // 14) % 5] + _CONSONANTS[(i * 5 + i // 14) % 14]
-    for i in range(64))
+    for i in range(32))
 ATTRIBUTES = {
     "city": ("rome", "oslo", "lima", "kyiv", "baku", "doha", "riga", "bern", "cairo",
              "delhi", "paris", "seoul", "tokyo", "quito", "dakar", "hanoi"),
@@ -83,7 +85,8 @@ FILLER_WORDS = (
     "slow", "yes", "no", "hello", "again", "later", "soon", "here", "there", "always",
     "never")
 
-VOCAB: tuple[str, ...] = (SPECIAL_TOKENS + PUNCT + TEMPLATE_WORDS + DIGITS + SYMBOLS + NAMES
+VOCAB: tuple[str, ...] = (SPECIAL_TOKENS + PUNCT + TEMPLATE_WORDS + DIGITS + NUMBERS
+                          + SYMBOLS + NAMES
                           + tuple(ATTRIBUTES)
                           + tuple(v for vals in ATTRIBUTES.values() for v in vals)
                           + FILLER_WORDS)
@@ -98,7 +101,12 @@ FAMILIES = ("facts", "fewshot", "dialog")
 GEN_LENGTH = 8
 EVAL_SEED_START = 1_000_000
 MIN_RATIO, MAX_RATIO = 0.08, 0.96
-DEFAULT_CONTEXT = (32, 248)  # context (prefix + prompt) length range, tokens
+DEFAULT_CONTEXT = (24, 120)  # context (prefix + prompt) length range, tokens
+# One-token answers and fixed-length examples keep every answer a single retrieval from
+# the prefix, the simplest form of each family: the canvas is identical mask tokens with no
+# position embedding, so a multi-token answer would also need each slot to work out its
+# own index from relative attention alone (benchmarks/learnability.py measures both costs).
+EXAMPLE_LEN = 2  # symbols per side of a fewshot example
 
 
 def encode(text: str) -> list[int]:
@@ -229,10 +237,6 @@ def _filler(rng: np.random.Generator, n_tokens: int) -> list[str]:
     return ["note", ":", *words, "."]
 
 
-def _digits(rng: np.random.Generator, lo: int, hi: int) -> list[str]:
-    return [str(d) for d in rng.integers(0, 10, size=int(rng.integers(lo, hi + 1)))]
-
-
 def _facts_world(rng: np.random.Generator, p_target: int):
     n_max = len(NAMES)
     header = [BOS, "system", ":", "facts", "."]
@@ -240,7 +244,7 @@ def _facts_world(rng: np.random.Generator, p_target: int):
     body: list[str] = []
     table: list[tuple[str, list[str]]] = []
     while len(table) < n_max:
-        value = _digits(rng, 1, 3)
+        value = [str(rng.choice(NUMBERS))]
         fact = [keys[len(table)], "=", *value, ";"]
         if len(table) >= 2 and len(header) + len(body) + len(fact) + 1 > p_target:
             break
@@ -250,17 +254,13 @@ def _facts_world(rng: np.random.Generator, p_target: int):
 
 
 def _facts_question(rng: np.random.Generator, table):
-    if len(table) >= 2 and rng.random() < 0.25:
-        i, j = (int(x) for x in rng.choice(len(table), size=2, replace=False))
-        q = ["question", ":", "what", "is", table[i][0], "and", table[j][0], "?", SEP]
-        return q, table[i][1] + [","] + table[j][1], [table[i][0], table[j][0]]
     i = int(rng.integers(len(table)))
     return (["question", ":", "what", "is", table[i][0], "?", SEP], list(table[i][1]),
             [table[i][0]])
 
 
 def _fewshot_world(rng: np.random.Generator, p_target: int):
-    n_sym = int(rng.integers(4, 9))
+    n_sym = int(rng.integers(3, 8))
     src = [str(s) for s in rng.choice(SYMBOLS, size=n_sym, replace=False)]
     dst = [str(s) for s in rng.choice(SYMBOLS, size=n_sym, replace=False)]
     mapping = dict(zip(src, dst, strict=True))
@@ -269,7 +269,7 @@ def _fewshot_world(rng: np.random.Generator, p_target: int):
     covered: set[str] = set()
     n_ex = 0
     while True:
-        length = int(rng.integers(2, 5))
+        length = EXAMPLE_LEN
         # Examples first cover every source symbol (in a random order), then repeat.
         todo = [s for s in src if s not in covered]
         seq = todo[:length]
@@ -288,8 +288,8 @@ def _fewshot_world(rng: np.random.Generator, p_target: int):
 
 def _fewshot_question(rng: np.random.Generator, world):
     src, mapping, _ = world
-    seq = [str(s) for s in rng.choice(src, size=int(rng.integers(2, 6)))]
-    return ["input", ":", *seq, "->", "?", SEP], [mapping[s] for s in seq], [" ".join(seq)]
+    sym = str(rng.choice(src))
+    return ["input", ":", sym, "->", "?", SEP], [mapping[sym]], [sym]
 
 
 _CHITCHAT = (["tell", "me", "something", "."], ["tell", "me", "something", "about"])
@@ -325,7 +325,7 @@ def _dialog_world(rng: np.random.Generator, p_target: int):
             turn = ["user", ":", *lead, "the", attr, "of", person, "is", value, ".",
                     "assistant", ":", *_ACKS[int(rng.integers(len(_ACKS)))]]
             update = ((person, attr), value)
-        if n_turns >= 2 and state and len(header) + len(body) + len(turn) + 1 > p_target:
+        if state and len(header) + len(body) + len(turn) + 1 > p_target:
             break
         if n_turns >= 96:
             break
@@ -389,6 +389,44 @@ def make_instance(family: str, seed: int, question: int = 0, *,
               "target_context": c_target, "topic": topic})
     inst.meta["ratio"] = inst.prefix_ratio
     return inst
+
+
+def recall_segments(family: str, seed: int, order_seed: int, *,
+                    context: tuple[int, int] = DEFAULT_CONTEXT,
+                    ratio: tuple[float, float] = (MIN_RATIO, MAX_RATIO)
+                    ) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], bool]]]:
+    """A dense training view of the world `(family, seed)`: its prefix, then a restatement.
+
+    Returns `(prefix_ids, items)`; each item is `(ids, is_answer)` where the answer pieces
+    are what a model must retrieve from the prefix: every fact `K = v v ;` (facts), every
+    symbol `S -> T ;` (fewshot), every final fact `the ATTR of P is V .` (dialog), in an
+    order drawn from `order_seed`, after `recall :`. Used only to train retrieval densely
+    (many retrieved tokens per forward); never served, never evaluated.
+    """
+    prefix_ids, world, _, _ = _world(family, seed, tuple(context), tuple(ratio))
+    rng = _rng(_FAMILY_CODE[family], seed, 0, order_seed)
+    ids = TOKEN_ID
+    items: list[tuple[tuple[int, ...], bool]] = [((ids["recall"], ids[":"]), False)]
+    if family == "facts":
+        for i in rng.permutation(len(world)):
+            key, value = world[int(i)]
+            items += [((ids[key], ids["="]), False), (tuple(ids[v] for v in value), True),
+                      ((ids[";"],), False)]
+    elif family == "fewshot":
+        src, mapping, _ = world
+        for i in rng.permutation(len(src)):
+            items += [((ids[src[int(i)]], ids["->"]), False),
+                      ((ids[mapping[src[int(i)]]],), True), ((ids[";"],), False)]
+    elif family == "dialog":
+        state, _ = world
+        keys = sorted(state)
+        for i in rng.permutation(len(keys)):
+            person, attr = keys[int(i)]
+            items += [((ids["the"], ids[attr], ids["of"], ids[person], ids["is"]), False),
+                      ((ids[state[(person, attr)]],), True), ((ids["."],), False)]
+    else:
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+    return prefix_ids, items
 
 
 def generate_instances(family: str, seed: int, n: int, *, questions_per_prefix: int = 1,
@@ -471,17 +509,11 @@ def check_answer(prefix_text: str, prompt_text: str) -> str:
             table[clause[0]] = clause[2:]
         if q[:4] != ["question", ":", "what", "is"] or q[-1] != "?":
             raise ValueError(f"bad question {q}")
-        keys = q[4:-1]
-        if len(keys) == 3 and keys[1] == "and":
-            keys = [keys[0], keys[2]]
-        elif len(keys) != 1:
+        if len(q) != 6:
             raise ValueError(f"bad question {q}")
-        values = []
-        for k in keys:
-            if k not in table:
-                raise ValueError(f"key {k!r} not in the table")
-            values.append(" ".join(table[k]))
-        return " , ".join(values)
+        if q[4] not in table:
+            raise ValueError(f"key {q[4]!r} not in the table")
+        return " ".join(table[q[4]])
     if family == "examples":
         mapping: dict[str, str] = {}
         for clause in _split_clauses(_body(prefix_text, "examples"), ";"):
@@ -539,4 +571,5 @@ def _split_turns(words: list[str]) -> list[tuple[str, list[str]]]:
 __all__ = ["BOS_ID", "EOS_ID", "EVAL_SEED_START", "FAMILIES", "GEN_LENGTH", "Instance",
            "MASK_ID", "PAD_ID", "SEP_ID", "TOKEN_ID", "UNK_ID", "VOCAB", "VOCAB_SIZE",
            "answer_from_canvas", "build_tokenizer", "check_answer", "decode", "encode",
-           "eval_instances", "generate_instances", "is_correct", "make_instance"]
+           "eval_instances", "generate_instances", "is_correct", "make_instance",
+           "recall_segments"]

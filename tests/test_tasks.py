@@ -23,9 +23,12 @@ def test_checker_agrees_with_generator(family):
 
 
 def test_checker_hand_examples():
-    assert tasks.check_answer("<bos> system : facts . kab = 4 7 ; dov = 1 ; <sep>",
-                              "note : nice . question : what is dov and kab ? <sep>") == "1 , 4 7"
+    assert tasks.check_answer("<bos> system : facts . kab = 47 ; dov = 12 ; <sep>",
+                              "note : nice . question : what is dov ? <sep>") == "12"
     assert tasks.check_answer("<bos> system : examples . A B -> C D ; B E -> D F ; <sep>",
+                              "input : E -> ? <sep>") == "F"
+    # The checker reads examples of any length (the generator writes length 2).
+    assert tasks.check_answer("<bos> system : examples . A B E -> C D F ; <sep>",
                               "input : E A B -> ? <sep>") == "F C D"
     chat = ("<bos> system : chat . user : the city of kab is rome . assistant : ok . "
             "user : tell me something . assistant : rain . "
@@ -73,12 +76,20 @@ def test_eval_seeds_disjoint_from_training():
 def test_prefix_ratio_coverage(family):
     insts = tasks.generate_instances(family, tasks.EVAL_SEED_START, 400)
     ratios = np.array([x.prefix_ratio for x in insts])
-    assert ratios.min() <= 0.15 and ratios.max() >= 0.92
+    # The minimal world and the question bound each family's extremes (see
+    # test_suite_spans_ten_to_ninety_five_percent for the suite as a whole).
+    assert ratios.min() <= 0.2 and ratios.max() >= 0.88
     hist, _ = np.histogram(ratios, bins=np.linspace(0.1, 0.95, 10))
     assert (hist > 0).all(), hist
     ctx = np.array([x.context_len for x in insts])
-    assert ctx.max() + tasks.GEN_LENGTH <= 256
+    assert ctx.max() <= tasks.DEFAULT_CONTEXT[1]
     assert np.abs(ratios - [x.meta["target_ratio"] for x in insts]).mean() < 0.1
+
+
+def test_suite_spans_ten_to_ninety_five_percent():
+    ratios = [x.prefix_ratio for fam in tasks.FAMILIES
+              for x in tasks.generate_instances(fam, tasks.EVAL_SEED_START, 400)]
+    assert min(ratios) <= 0.14 and max(ratios) >= 0.93
 
 
 def test_is_correct():
