@@ -161,7 +161,9 @@ def evaluate_policies(model=None, n_per_family: int = 20, policies=EVAL_POLICIES
     meta = json.loads((model_dir / "train_config.json").read_text())
     settings = EvalSettings(gen_length=meta["gen_length"], steps=meta["gen_length"],
                             block_length=meta.get("block_length", meta["gen_length"]))
-    instances = tasks.eval_instances(n_per_family, questions_per_prefix=4)
+    context = (meta.get("context_min", tasks.DEFAULT_CONTEXT[0]),
+               meta.get("context_max", tasks.DEFAULT_CONTEXT[1]))
+    instances = tasks.eval_instances(n_per_family, questions_per_prefix=4, context=context)
     print(f"evaluating {len(instances)} held-out instances ({n_per_family} per family) "
           f"with {len(policies)} policies; r -> b table {table}")
     result = run_eval(params, config, instances, settings, table, policies)

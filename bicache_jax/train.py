@@ -25,9 +25,23 @@ multiplies the supervised answer tokens per forward (the prefix, most of the com
 shared), which is what makes the retrieval skills learnable in a CPU budget. Evaluation
 always uses the served layout (one request, canvas last).
 
-Both are unbiased estimates of an upper bound on the negative log-likelihood of the
-eligible tokens. `sample_t` can draw the batch's t stratified (one uniform offset, evenly
-spaced; marginally still U(eps, 1)), which lowers the variance of the 1/t-weighted loss.
+Recall rows (`TrainConfig.recall_frac`): a share of rows are `prefix | recall : ...`, the
+prefix's world restated item by item (`tasks.recall_segments`: every fact, every symbol's
+image, every latest chat fact) with only the retrieved tokens maskable: many retrievals
+per forward, in the prefix's own format. They are training data only, never served.
+
+Curriculum (`TrainConfig.curriculum`): the longest context grows linearly from
+`curriculum_start` to `context_max` over that many steps (`context_cap`), so retrieval is
+first learned on small worlds with few distractors.
+
+`weighting="flat"` replaces the 1/t ELBO weights by a plain mean of CE over the masked
+tokens (the shipped model trains with it: at batch 32, 1/t up to 1/eps lets a few
+barely-masked rows dominate each update).
+
+With `weighting="elbo"` (the default) the pretraining and SFT losses are unbiased
+estimates of an upper bound on the negative log-likelihood of the eligible tokens.
+`sample_t` can draw the batch's t stratified (one uniform offset, evenly spaced;
+marginally still U(eps, 1)), which lowers the variance of the 1/t-weighted loss.
 
 Trainer (`train`, CLI `train_main`): AdamW with linear warmup + cosine decay and global
 norm clipping, one jitted train step (one compile per padded length bucket), batches drawn
@@ -155,7 +169,7 @@ def diffusion_loss(params: dict, config: ModelConfig, batch: Batch, key: jax.Arr
     fn = forward if logits_fn is None else logits_fn
     logits = fn(params, config, noisy, batch.lengths)
     normaliser = jnp.sum(eligible_mask(batch), axis=1).astype(jnp.float32)
-    if weighting == "flat":  # experiment: CE averaged over masked tokens, no 1/t
+    if weighting == "flat":  # CE averaged over the masked tokens, no 1/t
         t = jnp.ones_like(t)
         normaliser = jnp.sum(masked, axis=1).astype(jnp.float32)
     elif weighting != "elbo":
@@ -195,18 +209,30 @@ def row_length(group: Sequence[tasks.Instance], gen_length: int) -> int:
     return sum(len(ids) for ids, _ in row_segments(group, gen_length))
 
 
-def make_batch(rows: Sequence[tasks.Instance | Sequence[tasks.Instance]], gen_length: int,
-               pad_to: int, sft: Sequence[bool] | None = None) -> Batch:
-    """Rows of `pad_to` tokens: `[prefix | prompt | answer <eos>... | <pad>...]` for an
-    instance, or a packed row (`row_segments`) for a list of instances sharing a prefix."""
+Segments = list[tuple[tuple[int, ...], bool]]
+
+
+def _as_segments(row, gen_length: int) -> Segments:
+    if isinstance(row, tasks.Instance):
+        return row_segments([row], gen_length)
+    row = list(row)
+    if row and isinstance(row[0], tasks.Instance):
+        return row_segments(row, gen_length)
+    return row
+
+
+def make_batch(rows: Sequence, gen_length: int, pad_to: int,
+               sft: Sequence[bool] | None = None) -> Batch:
+    """Rows of `pad_to` tokens, each given as an `Instance` (`[prefix | prompt | answer
+    <eos>... | <pad>...]`), a list of instances sharing a prefix (a packed row, see
+    `row_segments`) or a list of `(ids, is_response)` segments."""
     b = len(rows)
     tokens = np.full((b, pad_to), tasks.PAD_ID, np.int32)
     response = np.zeros((b, pad_to), bool)
     lengths = np.zeros(b, np.int32)
     for i, row in enumerate(rows):
-        group = [row] if isinstance(row, tasks.Instance) else list(row)
         n = 0
-        for ids, is_resp in row_segments(group, gen_length):
+        for ids, is_resp in _as_segments(row, gen_length):
             if n + len(ids) > pad_to:
                 raise ValueError(f"row {i} does not fit {pad_to} tokens")
             tokens[i, n:n + len(ids)] = ids
@@ -232,6 +258,9 @@ class TrainConfig:
     b2: float = 0.98
     pretrain_frac: float = 0.0
     max_qa: int = 1  # requests packed per training row (1..max_qa, sharing the prefix)
+    recall_frac: float = 0.0  # share of rows that are dense recall rows (`_recall_row`)
+    curriculum: int = 0  # steps over which the longest context grows to context_max
+    curriculum_start: int = 40  # the longest context at step 0 (with curriculum > 0)
     stratified_t: bool = True
     weighting: str = "elbo"
     gen_length: int = tasks.GEN_LENGTH
@@ -278,6 +307,16 @@ def _buckets(tc: TrainConfig) -> list[tuple[int, int]]:
     return out
 
 
+def context_cap(tc: TrainConfig, step: int) -> int:
+    """The longest context of step `step`: with a curriculum it grows linearly from
+    `curriculum_start` to `context_max` over `curriculum` steps (small worlds, few
+    distractors first: the retrieval skills emerge there, then extend to long prefixes)."""
+    if tc.curriculum <= 0 or step >= tc.curriculum:
+        return tc.context_max
+    start = max(tc.context_min, min(tc.curriculum_start, tc.context_max))
+    return start + (tc.context_max - start) * step // tc.curriculum
+
+
 QA_SLACK = 10  # context shortened per extra packed request, so packed rows fit the bucket
 
 
@@ -291,13 +330,17 @@ def train_rows(tc: TrainConfig, step: int) -> tuple[list[list[tasks.Instance]], 
     objective (probability `pretrain_frac`).
     """
     rng = np.random.default_rng([tc.seed, step, 0x5EED])
-    buckets = _buckets(tc)
+    cap = context_cap(tc, step)
+    buckets = [(lo, min(hi, cap)) for lo, hi in _buckets(tc) if lo <= cap]
     lo, hi = buckets[int(rng.integers(len(buckets)))]
     edge = _round_up(hi + tc.gen_length, tc.bucket)
-    rows = []
+    rows: list = []
     for _ in range(tc.batch_size):
         fam = tc.families[int(rng.integers(len(tc.families)))]
         seed = int(rng.integers(tasks.EVAL_SEED_START))
+        if rng.random() < tc.recall_frac:
+            rows.append(_recall_row(fam, seed, int(rng.integers(1 << 30)), edge))
+            continue
         k = int(rng.integers(1, tc.max_qa + 1))
         questions = [int(q) for q in rng.permutation(2 * k + 2)]
         short = QA_SLACK * (k - 1)
@@ -319,15 +362,32 @@ def train_rows(tc: TrainConfig, step: int) -> tuple[list[list[tasks.Instance]], 
     return rows, sft
 
 
+def _recall_row(family: str, seed: int, order_seed: int, edge: int) -> Segments:
+    """A dense recall row (`tasks.recall_segments`): a prefix of about 40% of the bucket,
+    then as many restated items as fit in `edge` tokens."""
+    prefix, items = tasks.recall_segments(
+        family, seed, order_seed, context=(int(0.38 * edge), int(0.48 * edge)),
+        ratio=(0.95, 0.96))
+    segs: Segments = [(prefix, False)]
+    n = len(prefix)
+    for ids, is_answer in items:
+        if n + len(ids) > edge:
+            break
+        segs.append((ids, is_answer))
+        n += len(ids)
+    return segs
+
+
 def train_instances(tc: TrainConfig, step: int) -> list[tasks.Instance]:
-    """Every request in the batch of update `step` (see `train_rows`)."""
-    return [inst for row in train_rows(tc, step)[0] for inst in row]
+    """Every served-format request in the batch of update `step` (see `train_rows`)."""
+    return [inst for row in train_rows(tc, step)[0] for inst in row
+            if isinstance(inst, tasks.Instance)]
 
 
 def train_batch(tc: TrainConfig, step: int) -> Batch:
     """The padded batch of update `step` (see `train_rows`)."""
     rows, sft = train_rows(tc, step)
-    longest = max(row_length(r, tc.gen_length) for r in rows)
+    longest = max(sum(len(ids) for ids, _ in _as_segments(r, tc.gen_length)) for r in rows)
     return make_batch(rows, tc.gen_length, _round_up(longest, tc.bucket), sft)
 
 
@@ -501,13 +561,14 @@ MONITOR_SEED = tasks.EVAL_SEED_START + 500_000  # eval seeds used for the period
 
 def train(tc: TrainConfig, out: str | Path, *, ckpt_every: int = 250, eval_every: int = 0,
           eval_n: int = 32, export: str | Path | None = None, progress: bool = True,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, profile_n: int = 100) -> dict:
     """Run (or resume) training into `out`; returns `{"params", "config", "records"}`.
 
     Resumes from the latest checkpoint in `<out>/checkpoints` when there is one (the run
     config must match `<out>/train_config.json`). `stop_after` stops after that many
     updates in total (to simulate an interruption in tests). `export` writes the final
-    model folder there (default: `<out>/model`).
+    model folder there (default: `<out>/model`), profiled on `profile_n` pairs per family
+    (`profile_model`; 0: no `r -> b` table).
     """
     from tqdm import tqdm
 
@@ -580,7 +641,8 @@ def train(tc: TrainConfig, out: str | Path, *, ckpt_every: int = 250, eval_every
     if records:
         plot_loss(records, out / "loss.png", f"d{tc.d_model} L{tc.n_layers} seed {tc.seed}")
     if end == tc.steps:
-        export_model(state.params, tc, export if export is not None else out / "model", out)
+        export_model(state.params, tc, export if export is not None else out / "model", out,
+                     profile_n, progress)
     return {"params": state.params, "config": config, "records": records}
 
 
@@ -590,14 +652,34 @@ def _save_args(state: TrainState):
     return ocp.args.StandardSave(state)
 
 
-def export_model(params: dict, tc: TrainConfig, path: str | Path, run_dir: str | Path
-                 ) -> Path:
-    """Write the model folder: `checkpoint.save` layout + tokenizer and training records."""
+PROFILE_SEED = 900_000  # training-range seeds the offline profiler measures on
+
+
+def profile_model(params: dict, tc: TrainConfig, n_per_family: int = 100,
+                  progress: bool = True):
+    """BiCache's offline profile of a trained model on `n_per_family` (prefix, prompt)
+    pairs per family from the training distribution (seeds from `PROFILE_SEED`, below the
+    evaluation range). Returns the `profiler.ProfileResult`."""
+    from .profiler import profile
+
+    pairs = [(inst.prefix_ids, inst.prompt_ids) for fam in tc.families
+             for inst in tasks.generate_instances(fam, PROFILE_SEED, n_per_family,
+                                                  context=(tc.context_min, tc.context_max))]
+    return profile(params, tc.model_config(), pairs, progress=progress)
+
+
+def export_model(params: dict, tc: TrainConfig, path: str | Path, run_dir: str | Path,
+                 profile_n: int = 100, progress: bool = True) -> Path:
+    """Write the model folder: `checkpoint.save` layout (with the profiler's `r -> b` table
+    from `profile_model`, `profile_n` pairs per family; 0 skips it) + tokenizer and
+    training records."""
     import shutil
 
     from .checkpoint import save
 
-    path = save(path, params, tc.model_config(), overwrite=True)
+    table = (json.loads(profile_model(params, tc, profile_n, progress).to_json())
+             if profile_n else None)
+    path = save(path, params, tc.model_config(), table, overwrite=True)
     tasks.build_tokenizer(path / "tokenizer.json")
     (path / "train_config.json").write_text(tc.to_json() + "\n")
     run_dir = Path(run_dir)
@@ -623,6 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=500,
                    help="held-out accuracy every N steps (0: never)")
     p.add_argument("--eval-n", type=int, default=32, help="monitor instances per family")
+    p.add_argument("--profile-n", type=int, default=100,
+                   help="profiler pairs per family for the exported r -> b table (0: none)")
     p.add_argument("--no-progress", action="store_true")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -652,7 +736,8 @@ def train_main(argv: Sequence[str] | None = None) -> dict:
     print(f"model: {config.param_count() / 1e6:.2f}M params, max_seq_len "
           f"{config.max_seq_len}; {tc.steps} steps of {tc.batch_size}", file=sys.stderr)
     return train(tc, args.out, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
-                 eval_n=args.eval_n, export=args.export, progress=not args.no_progress)
+                 eval_n=args.eval_n, export=args.export, progress=not args.no_progress,
+                 profile_n=args.profile_n)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from bicache_jax.train import (
     EPS,
     Batch,
     TrainConfig,
+    context_cap,
     diffusion_loss,
     eligible_mask,
     evaluate,
@@ -25,6 +26,7 @@ from bicache_jax.train import (
     sample_t,
     train,
     train_batch,
+    train_instances,
     train_rows,
 )
 
@@ -199,3 +201,43 @@ def test_packed_rows_mask_only_answers_and_never_repeat_a_topic():
             assert toks[n - tc.gen_length - len(prompt):n - tc.gen_length].tolist() == \
                 list(prompt)
             assert not resp[:len(group[0].prefix_ids)].any()
+
+
+def test_curriculum_caps_the_context_then_releases_it():
+    tc = TrainConfig(batch_size=16, curriculum=100, curriculum_start=32, context_min=24,
+                     context_max=120)
+    assert [context_cap(tc, s) for s in (0, 50, 99, 100, 5000)] == [32, 76, 119, 120, 120]
+    assert context_cap(TrainConfig(context_max=120), 0) == 120  # no curriculum
+    # (a minimal world plus its question may overshoot a small cap by a few tokens)
+    early = [x.context_len for s in range(5) for x in train_instances(tc, s)]
+    late = [x.context_len for s in range(200, 210) for x in train_instances(tc, s)]
+    assert max(early) <= 40 and max(late) > 90
+
+
+def test_recall_rows_restate_what_the_checker_derives():
+    # Every answer of a recall row is what the independent checker derives from the
+    # prefix for the matching question; only those answers are maskable.
+    tc = TrainConfig(batch_size=32, recall_frac=1.0)
+    rows, _ = train_rows(tc, 3)
+    batch = train_batch(tc, 3)
+    n_checked = 0
+    for r, segs in enumerate(rows):
+        prefix = tasks.decode(segs[0][0])
+        family = prefix.split()[3]
+        words = tasks.decode([i for ids, _ in segs[1:] for i in ids]).split()
+        assert words[:2] == ["recall", ":"]
+        answers = [tasks.decode(ids) for ids, is_answer in segs if is_answer]
+        clauses = " ".join(words[2:]).replace(" .", " ;").split(" ;")
+        for clause, answer in zip([c.split() for c in clauses if c.strip()], answers,
+                                  strict=False):
+            if family == "facts":
+                question = f"question : what is {clause[0]} ? <sep>"
+            elif family == "examples":
+                question = f"input : {clause[0]} -> ? <sep>"
+            else:
+                question = f"user : what is the {clause[1]} of {clause[3]} ? assistant : <sep>"
+            assert tasks.check_answer(prefix, question) == answer == clause[-1]
+            n_checked += 1
+        n = int(batch.lengths[r])
+        assert int(np.asarray(batch.response[r])[:n].sum()) == len(answers)
+    assert n_checked > 3 * len(rows)
