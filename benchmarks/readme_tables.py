@@ -43,10 +43,21 @@ def eval_section(path: Path) -> str:
             f"{result['depth_table']}.\n\n" + evaluate.markdown_table(result) + "\n")
 
 
+def learnability_section(path: Path) -> str:
+    import learnability
+
+    result = json.loads(path.read_text())
+    return (f"### Learnability probes: `{path.name}`\n\nDevice {result['device']}, jax "
+            f"{result['jax_version']}, batch {result['batch']}, {result['optimizer']}; "
+            "accuracy of the first canvas slot on 128 held-out rows, whole canvas "
+            "masked.\n\n" + learnability.markdown_table(result) + "\n")
+
+
 def main() -> None:
     results = ROOT / "benchmarks" / "results"
     parts = [throughput_section(p) for p in sorted(results.glob("throughput_*.json"))]
     parts += [eval_section(p) for p in sorted(results.glob("eval_*.json"))]
+    parts += [learnability_section(p) for p in sorted(results.glob("learnability_*.json"))]
     readme = ROOT / "README.md"
     text = readme.read_text()
     before, rest = text.split(START)

@@ -1,0 +1,142 @@
+"""How fast can a small LLaDA-layout model learn to read its prompt? Two synthetic probes.
+
+    python benchmarks/learnability.py [--steps-copy 400] [--steps-recall 600]
+
+Both probes train with the project's trainer pieces (`train.make_batch`,
+`train.make_train_step`: SFT masked diffusion, flat weighting, AdamW) on fresh random rows
+every step and report held-out exact accuracy of the first canvas slot, decoded in one
+forward with the whole canvas masked, every 50 steps:
+
+* `copy`: `<bos> n n ... n what X ? <sep> | X <eos>...`: copy the name three tokens before
+  the canvas, among 5-30 distractor names. One attention hop by relative position. Run
+  with canvases of 1, 2, 4 and 8 slots (the answer, then `<eos>` padding).
+* `recall`: `<bos> k1 = v1 ; ... kK = vK ; what ki ? <sep> | vi`: associative recall over K
+  key/value pairs (the core of every task family in `bicache_jax/tasks.py`), one-slot
+  canvas, K = 2 and 6.
+
+Writes `benchmarks/results/learnability_<device>.json` and prints a table. Why it exists:
+the task-suite model did not learn in a CPU hour, and these probes separate the two
+obstacles found (see the README's "Training the default model").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bicache_jax import tasks
+from bicache_jax.model import forward
+from bicache_jax.train import TrainConfig, init_state, make_batch, make_train_step
+
+NAMES = [tasks.TOKEN_ID[w] for w in tasks.NAMES]
+VALUES = [tasks.TOKEN_ID[w] for w in tasks.NUMBERS]
+WHAT, Q, EQ, SEMI = (tasks.TOKEN_ID[w] for w in ("what", "?", "=", ";"))
+
+
+def copy_row(rng: np.random.Generator, slots: int):
+    x = int(rng.choice(NAMES))
+    filler = [int(v) for v in rng.choice(NAMES, size=int(rng.integers(5, 31)))]
+    return [((tasks.BOS_ID, *filler), False), ((WHAT, x, Q, tasks.SEP_ID), False),
+            ((x,) + (tasks.EOS_ID,) * (slots - 1), True)]
+
+
+def recall_row(rng: np.random.Generator, pairs: int):
+    keys = [int(k) for k in rng.choice(NAMES, size=pairs, replace=False)]
+    values = [int(v) for v in rng.choice(VALUES, size=pairs)]
+    prefix = [tasks.BOS_ID]
+    for k, v in zip(keys, values, strict=True):
+        prefix += [k, EQ, v, SEMI]
+    i = int(rng.integers(pairs))
+    return [(tuple(prefix), False), ((WHAT, keys[i], Q, tasks.SEP_ID), False),
+            ((values[i],), True)]
+
+
+def run_probe(make_row, steps: int, tc: TrainConfig, batch: int = 32, pad_to: int = 64,
+              every: int = 50) -> list[dict]:
+    """Train on fresh rows; held-out first-slot accuracy (whole canvas masked) per `every`."""
+    config = tc.model_config()
+    state, step_fn = init_state(tc), make_train_step(tc)
+    rng = np.random.default_rng(tc.seed)
+    held = make_batch([make_row(np.random.default_rng(10_000 + i)) for i in range(128)],
+                      tc.gen_length, pad_to)
+    first = np.argmax(held.response, axis=1)
+    masked = jnp.asarray(np.where(held.response, tasks.MASK_ID, held.tokens))
+    rows = np.arange(len(first))
+    curve = []
+    for step in range(steps + 1):
+        if step % every == 0 or step == steps:
+            logits = forward(state.params, config, masked, jnp.asarray(held.lengths))
+            pred = np.asarray(jnp.argmax(logits, axis=-1))[rows, first]
+            acc = float(np.mean(pred == held.tokens[rows, first]))
+            curve.append({"step": step, "accuracy": acc})
+            print(f"    step {step:4d}: accuracy {acc:.3f}", flush=True)
+        if step == steps:
+            break
+        b = make_batch([make_row(rng) for _ in range(batch)], tc.gen_length, pad_to)
+        state, _ = step_fn(state, jax.tree.map(jnp.asarray, b), step)
+    return curve
+
+
+def first_step_above(curve: list[dict], level: float = 0.9) -> int | None:
+    return next((c["step"] for c in curve if c["accuracy"] >= level), None)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps-copy", type=int, default=400)
+    ap.add_argument("--steps-recall", type=int, default=600)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    common = dict(lr=3e-3, warmup=20, weighting="flat", seed=0)
+    small = TrainConfig(d_model=64, n_layers=2, n_heads=4, steps=args.steps_copy, **common)
+    probes = []
+    for slots in (1, 2, 4, 8):
+        print(f"copy, canvas of {slots} slot(s), d64 L2", flush=True)
+        t0 = time.time()
+        curve = run_probe(lambda rng, s=slots: copy_row(rng, s), args.steps_copy, small)
+        probes.append({"probe": "copy", "canvas_slots": slots, "model": "d64 L2",
+                       "curve": curve, "seconds": round(time.time() - t0, 1)})
+    small = TrainConfig(d_model=64, n_layers=2, n_heads=4, steps=args.steps_recall, **common)
+    for pairs in (2, 6):
+        print(f"recall, {pairs} pairs, canvas of 1 slot, d64 L2", flush=True)
+        t0 = time.time()
+        curve = run_probe(lambda rng, k=pairs: recall_row(rng, k), args.steps_recall, small)
+        probes.append({"probe": "recall", "pairs": pairs, "canvas_slots": 1,
+                       "model": "d64 L2", "curve": curve,
+                       "seconds": round(time.time() - t0, 1)})
+    device = jax.devices()[0]
+    result = {"machine": {"node": platform.node(), "processor": platform.processor(),
+                          "python": platform.python_version()},
+              "device": device.device_kind, "platform": device.platform,
+              "jax_version": jax.__version__, "batch": 32,
+              "optimizer": "AdamW lr 3e-3, 20 warmup steps, cosine decay", "probes": probes}
+    out = Path(args.out or Path(__file__).parent / "results"
+               / f"learnability_{device.platform}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out}\n")
+    print(markdown_table(result))
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| probe | canvas slots | model | final accuracy | first step >= 90% |",
+             "|---|---|---|---|---|"]
+    for p in result["probes"]:
+        name = p["probe"] + (f" ({p['pairs']} pairs)" if "pairs" in p else "")
+        hit = first_step_above(p["curve"])
+        lines.append(f"| {name} | {p['canvas_slots']} | {p['model']} | "
+                     f"{p['curve'][-1]['accuracy']:.2f} | "
+                     f"{hit if hit is not None else 'not within ' + str(p['curve'][-1]['step'])}"
+                     " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""benchmarks/learnability.py: the probe rows are right by construction, and a short run
+writes the JSON the README table is generated from."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import learnability  # noqa: E402
+
+from bicache_jax import tasks  # noqa: E402
+
+
+def test_probe_rows_hold_their_answer():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        (prefix, _), (question, _), (canvas, is_resp) = learnability.copy_row(rng, 4)
+        assert is_resp and canvas[0] == question[1] and canvas[1:] == (tasks.EOS_ID,) * 3
+        assert question[-1] == tasks.SEP_ID and prefix[0] == tasks.BOS_ID
+        (prefix, _), (question, _), (canvas, _) = learnability.recall_row(rng, 6)
+        words = tasks.decode(prefix[1:]).split(" ; ")
+        table = dict(w.replace(" ;", "").split(" = ") for w in words)
+        assert len(table) == 6
+        assert tasks.decode(canvas) == table[tasks.decode(question[1:2])]
+
+
+def test_short_run_writes_the_result(tmp_path):
+    out = tmp_path / "learn.json"
+    learnability.main(["--steps-copy", "2", "--steps-recall", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [p["probe"] for p in result["probes"]] == ["copy"] * 4 + ["recall"] * 2
+    for p in result["probes"]:
+        assert [c["step"] for c in p["curve"]] == [0, 2]
+        assert all(0 <= c["accuracy"] <= 1 for c in p["curve"])
+    table = learnability.markdown_table(result)
+    assert table.count("\n") == 7 and "not within 2" in table
