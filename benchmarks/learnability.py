@@ -1,6 +1,7 @@
 """How fast can a small LLaDA-layout model learn to read its prompt? Two synthetic probes.
 
     python benchmarks/learnability.py [--steps-copy 400] [--steps-recall 600]
+        [--probes copy,recall] [--out PATH]
 
 Both probes train with the project's trainer pieces (`train.make_batch`,
 `train.make_train_step`: SFT masked diffusion, flat weighting, AdamW) on fresh random rows
@@ -92,19 +93,20 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps-copy", type=int, default=400)
     ap.add_argument("--steps-recall", type=int, default=600)
+    ap.add_argument("--probes", default="copy,recall", help="which probes to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     common = dict(lr=3e-3, warmup=20, weighting="flat", seed=0)
     small = TrainConfig(d_model=64, n_layers=2, n_heads=4, steps=args.steps_copy, **common)
     probes = []
-    for slots in (1, 2, 4, 8):
+    for slots in (1, 2, 4, 8) if "copy" in args.probes else ():
         print(f"copy, canvas of {slots} slot(s), d64 L2", flush=True)
         t0 = time.time()
         curve = run_probe(lambda rng, s=slots: copy_row(rng, s), args.steps_copy, small)
         probes.append({"probe": "copy", "canvas_slots": slots, "model": "d64 L2",
                        "curve": curve, "seconds": round(time.time() - t0, 1)})
     small = TrainConfig(d_model=64, n_layers=2, n_heads=4, steps=args.steps_recall, **common)
-    for pairs in (2, 6):
+    for pairs in (2, 6) if "recall" in args.probes else ():
         print(f"recall, {pairs} pairs, canvas of 1 slot, d64 L2", flush=True)
         t0 = time.time()
         curve = run_probe(lambda rng, k=pairs: recall_row(rng, k), args.steps_recall, small)
