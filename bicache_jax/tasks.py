@@ -398,7 +398,7 @@ def recall_segments(family: str, seed: int, order_seed: int, *,
     """A dense training view of the world `(family, seed)`: its prefix, then a restatement.
 
     Returns `(prefix_ids, items)`; each item is `(ids, is_answer)` where the answer pieces
-    are what a model must retrieve from the prefix: every fact `K = v v ;` (facts), every
+    are what a model must retrieve from the prefix: every fact `K = V ;` (facts), every
     symbol `S -> T ;` (fewshot), every final fact `the ATTR of P is V .` (dialog), in an
     order drawn from `order_seed`, after `recall :`. Used only to train retrieval densely
     (many retrieved tokens per forward); never served, never evaluated.
@@ -507,9 +507,7 @@ def check_answer(prefix_text: str, prompt_text: str) -> str:
             if len(clause) < 3 or clause[1] != "=":
                 raise ValueError(f"bad fact {clause}")
             table[clause[0]] = clause[2:]
-        if q[:4] != ["question", ":", "what", "is"] or q[-1] != "?":
-            raise ValueError(f"bad question {q}")
-        if len(q) != 6:
+        if len(q) != 6 or q[:4] != ["question", ":", "what", "is"] or q[-1] != "?":
             raise ValueError(f"bad question {q}")
         if q[4] not in table:
             raise ValueError(f"key {q[4]!r} not in the table")

@@ -204,11 +204,6 @@ def row_segments(group: Sequence[tasks.Instance], gen_length: int
     return segs
 
 
-def row_length(group: Sequence[tasks.Instance], gen_length: int) -> int:
-    """Tokens of the row `row_segments(group)`."""
-    return sum(len(ids) for ids, _ in row_segments(group, gen_length))
-
-
 Segments = list[tuple[tuple[int, ...], bool]]
 
 
@@ -219,6 +214,11 @@ def _as_segments(row, gen_length: int) -> Segments:
     if row and isinstance(row[0], tasks.Instance):
         return row_segments(row, gen_length)
     return row
+
+
+def row_length(row, gen_length: int) -> int:
+    """Tokens of a row in any form `make_batch` takes."""
+    return sum(len(ids) for ids, _ in _as_segments(row, gen_length))
 
 
 def make_batch(rows: Sequence, gen_length: int, pad_to: int,
@@ -320,8 +320,11 @@ def context_cap(tc: TrainConfig, step: int) -> int:
 QA_SLACK = 10  # context shortened per extra packed request, so packed rows fit the bucket
 
 
-def train_rows(tc: TrainConfig, step: int) -> tuple[list[list[tasks.Instance]], np.ndarray]:
+def train_rows(tc: TrainConfig, step: int) -> tuple[list, np.ndarray]:
     """The rows of update `step` and their SFT flags: a pure function of `(seed, step)`.
+
+    A row is a list of instances sharing a prefix or, with probability `recall_frac`, the
+    segments of a recall row (`_recall_row`).
 
     One context-length bucket per step (so the batch pads to a short length); per row a
     family, a training seed (< EVAL_SEED_START), k in 1..max_qa requests on that seed's
@@ -387,7 +390,7 @@ def train_instances(tc: TrainConfig, step: int) -> list[tasks.Instance]:
 def train_batch(tc: TrainConfig, step: int) -> Batch:
     """The padded batch of update `step` (see `train_rows`)."""
     rows, sft = train_rows(tc, step)
-    longest = max(sum(len(ids) for ids, _ in _as_segments(r, tc.gen_length)) for r in rows)
+    longest = max(row_length(r, tc.gen_length) for r in rows)
     return make_batch(rows, tc.gen_length, _round_up(longest, tc.bucket), sft)
 
 
