@@ -329,3 +329,27 @@ def test_bicache_dual_depth0_decoding_at_block_start_equals_fastdllm_dual(models
     with pytest.raises(ValueError, match="decode_on_block_start"):
         _run(models[name], prompts, policy="bicache", reuse_depth=0,
              decode_on_block_start=True)
+
+
+@pytest.mark.parametrize("policy", ["bicache_dual", "dkv_decode"])
+def test_generate_stream_yields_each_block_with_generates_result(models, policy):
+    """The streaming loop runs the same program a block at a time: every block's canvas
+    is a prefix of the final tokens, and the last step carries generate's whole output."""
+    from bicache_jax.generate import generate_stream
+
+    cfg, params = models["llada_gqa"]
+    prompts = _requests(cfg, seed=5)
+    kw = dict(config=cfg, gen_length=16, steps=8, block_length=8, policy=policy)
+    if policy == "bicache_dual":
+        kw["reuse_depth"] = 1
+    whole = generate(params, prompts, **kw)
+    steps = list(generate_stream(params, prompts, **kw))
+    assert [s.block for s in steps] == [0, 1]
+    assert all(s.output is None for s in steps[:-1])
+    np.testing.assert_array_equal(steps[0].tokens[:, :8], whole.tokens[:, :8])
+    assert np.all(steps[0].tokens[:, 8:] == cfg.mask_token_id)
+    last = steps[-1].output
+    np.testing.assert_array_equal(steps[-1].tokens, whole.tokens)
+    np.testing.assert_array_equal(last.tokens, whole.tokens)
+    np.testing.assert_array_equal(last.nfe, whole.nfe)
+    np.testing.assert_array_equal(last.stats["rows_computed"], whole.stats["rows_computed"])
