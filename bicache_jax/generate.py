@@ -45,9 +45,12 @@ from .model import OwnKV, PrefixKV, encode_prefix, forward_rows, logits_from_hid
 from .policies import Policy, get_policy
 from .prefix_store import PrefixStore, StoredPrefix
 from .sampling import (
+    FASTDLLM_DREAM,
     SamplerConfig,
     choose_tokens,
     llada_transfer_counts,
+    loop_sampler,
+    public_dream_loop,
     select_positions,
     select_top,
 )
@@ -183,6 +186,10 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
     _TRACE_COUNT[0] += 1
     key, refresh_interval, window_size, order = controls
     c, pol, s = plan.config, plan.policy, plan.sampler
+    # Dream checkpoints: the public Dream loop's rules, if one applies (sampling.py).
+    dream_loop = public_dream_loop(s, c.logits_shift, pol.block_cache is not None,
+                                   pol.decode_on_block_start)
+    decode_sampler = loop_sampler(s, dream_loop)  # whose confidence ranks the positions
     L, g, bl = c.n_layers, plan.gen_length, plan.block_length
     num_blocks = g // bl
     steps_per_block = plan.steps // num_blocks
@@ -302,11 +309,18 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
         return st, head(hid)
 
     def block_rows(slots):
-        """Rows of a block forward: the block (and, for Dream, its first slot's predictor)."""
+        """Rows of a block forward: the block (and, for Dream but in Fast-dLLM's Dream
+        loop, its first slot's predictor)."""
         rows = jnp.broadcast_to(slots, (batch, slots.shape[-1]))
-        if c.logits_shift:
+        pred = jnp.arange(bl)
+        if dream_loop == FASTDLLM_DREAM:
+            # Fast-dLLM's Dream window: the first slot was decoded at the block start, so
+            # no predictor row (the public code reads its K/V from the cache); slot j
+            # reads row j - 1, slot 0 its own row (never a candidate), as the public shift.
+            pred = jnp.maximum(pred - 1, 0)
+        elif c.logits_shift:
             rows = jnp.concatenate([predictor_slots(slots)[:, :1], rows], axis=1)
-        return rows, jnp.broadcast_to(jnp.arange(bl), (batch, bl))
+        return rows, jnp.broadcast_to(pred, (batch, bl))
 
     def prefix_cache_forward(st, k, slots):
         """Fast-dLLM prefix cache: the block and everything after it, exact row count."""
@@ -385,13 +399,14 @@ def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix
         key, k_tok, k_pos = jax.random.split(st.key, 3)
         block = st.tokens[:, slots]
         candidates = block == c.mask_token_id
-        tokens, conf = choose_tokens(logits, k_tok, s)
+        # A public Dream loop ranks by its own confidence and counts by its own rule.
+        tokens, conf = choose_tokens(logits, k_tok, decode_sampler)
         if plan.fixed_order:
             chosen = select_top(-rank[:, slots].astype(jnp.float32), candidates,
                                 quota[:, step])
         else:
             chosen = select_positions(conf, candidates, step, steps_per_block, quota, k_pos,
-                                      s)
+                                      decode_sampler, dream_loop)
         new_block = jnp.where(chosen, tokens, block)
         return st._replace(tokens=st.tokens.at[:, slots].set(new_block), key=key)
 
@@ -696,7 +711,8 @@ def generate(
         `quota[i]` positions of its row. Default for `dkv_greedy`: drawn per request and
         block from `key` (returned as `stats["decode_order"]`, so a run can be replayed).
       decode_on_block_start: block-cache policies only: whether the block-start forward's
-        logits decode (Fast-dLLM: `steps_per_block` forwards a block) or the forward only
+        logits decode (Fast-dLLM: `steps_per_block` forwards a block; Dream: its first
+        position only, see sampling.py) or the forward only
         builds the cache (the official BiCache + Fast-dLLM schedule, `bicache_dual`'s
         default: one more forward per block). None keeps the policy's default.
       mesh: a ("data", "model") mesh (`sharding.make_mesh`): the loop's batch inputs are
