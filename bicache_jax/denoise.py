@@ -54,9 +54,12 @@ from .config import ModelConfig
 from .model import OwnKV, PrefixKV, forward_rows, logits_from_hidden
 from .policies import Policy
 from .sampling import (
+    FASTDLLM_DREAM,
     SamplerConfig,
     choose_tokens,
     llada_transfer_counts,
+    loop_sampler,
+    public_dream_loop,
     select_positions,
     select_top,
 )
@@ -171,6 +174,19 @@ class DenoiseLoop:
         per_block = (self.block_length + 1 if self.sampler.threshold is not None
                      else self.steps_per_block)
         return self.num_blocks * (per_block + int(self.policy.block_cache is not None))
+
+    @property
+    def dream_loop(self) -> str | None:
+        """The public Dream loop whose rules apply, if any (sampling.py)."""
+        return public_dream_loop(self.sampler, self.config.logits_shift,
+                                 self.policy.block_cache is not None,
+                                 self.policy.decode_on_block_start)
+
+    @property
+    def decode_sampler(self) -> SamplerConfig:
+        """The sampler a decoding step uses: a public Dream loop ranks positions by its
+        own confidence."""
+        return loop_sampler(self.sampler, self.dream_loop)
 
     @property
     def refreshes(self) -> bool:
@@ -354,12 +370,18 @@ class DenoiseLoop:
         return self._maybe_refresh(ctx, st, run, may_refresh)
 
     def _block_rows(self, ctx: _Ctx, slots):
-        """Rows of a block forward: the block (and, for Dream, its first slot's predictor)."""
+        """Rows of a block forward: the block (and, for Dream but in Fast-dLLM's Dream
+        loop, its first slot's predictor)."""
         rows = jnp.broadcast_to(slots, (self._batch(ctx), slots.shape[-1]))
-        if self.config.logits_shift:
+        pred = jnp.arange(self.block_length)
+        if self.dream_loop == FASTDLLM_DREAM:
+            # Fast-dLLM's Dream window: the first slot was decoded at the block start, so
+            # no predictor row (the public code reads its K/V from the cache); slot j
+            # reads row j - 1, slot 0 its own row (never a candidate), as the public shift.
+            pred = jnp.maximum(pred - 1, 0)
+        elif self.config.logits_shift:
             rows = jnp.concatenate([self._predictor_slots(ctx, slots)[:, :1], rows], axis=1)
-        return rows, jnp.broadcast_to(jnp.arange(self.block_length),
-                                      (self._batch(ctx), self.block_length))
+        return rows, jnp.broadcast_to(pred, (self._batch(ctx), self.block_length))
 
     def _prefix_cache_forward(self, params, ctx: _Ctx, st: State, k, slots):
         """Fast-dLLM prefix cache: the block and everything after it, exact row count."""
@@ -449,13 +471,14 @@ class DenoiseLoop:
         key, k_tok, k_pos = jax.random.split(st.key, 3)
         block = st.tokens[:, slots]
         candidates = block == self.config.mask_token_id
-        tokens, conf = choose_tokens(logits, k_tok, self.sampler)
+        # A public Dream loop ranks by its own confidence and counts by its own rule.
+        tokens, conf = choose_tokens(logits, k_tok, self.decode_sampler)
         if self.fixed_order:
             chosen = select_top(-ctx.rank[:, slots].astype(jnp.float32), candidates,
                                 quota[:, step])
         else:
             chosen = select_positions(conf, candidates, step, self.steps_per_block, quota,
-                                      k_pos, self.sampler)
+                                      k_pos, self.decode_sampler, self.dream_loop)
         new_block = jnp.where(chosen, tokens, block)
         return st._replace(tokens=st.tokens.at[:, slots].set(new_block), key=key)
 

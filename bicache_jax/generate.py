@@ -309,9 +309,10 @@ def generate(
         `quota[i]` positions of its row. Default for `dkv_greedy`: drawn per request and
         block from `key` (returned as `stats["decode_order"]`, so a run can be replayed).
       decode_on_block_start: block-cache policies only: whether the block-start forward's
-        logits decode (Fast-dLLM: `steps_per_block` forwards a block) or the forward only
-        builds the cache (the official BiCache + Fast-dLLM schedule, `bicache_dual`'s
-        default: one more forward per block). None keeps the policy's default.
+        logits decode (Fast-dLLM: `steps_per_block` forwards a block; Dream: its first
+        position only, see sampling.py) or the forward only builds the cache (the
+        official BiCache + Fast-dLLM schedule, `bicache_dual`'s default: one more forward
+        per block). None keeps the policy's default.
       mesh: a ("data", "model") mesh (`sharding.make_mesh`): the loop's batch inputs are
         placed with the batch on "data" (`sharding.shard_inputs`; a batch that is not a
         multiple of the data axis stays replicated) and jit propagates the shardings.

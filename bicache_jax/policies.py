@@ -12,6 +12,10 @@ the questions the loop asks. Every policy, what it computes and what it caches:
   before the block from the block-start forward.
 * `fastdllm_dual`: computes the current block; reads everything outside it from the
   block-start forward.
+  On Dream checkpoints both run Fast-dLLM's Dream block loop (`sampling.FASTDLLM_DREAM`:
+  the block-start forward decodes the block's first position only, then the public
+  schedule or threshold rule), computing the block (prefix: and what follows) without
+  the first position's predictor row, as the public code.
 * `bicache_dual`: as `fastdllm_dual` (its block-start forward only builds the cache), the
   prefix as `bicache`.
 * `dkv_decode` (dKV-Cache-Decode): computes the still-masked positions and the tokens

@@ -16,12 +16,33 @@ Two families, as users of the two model lines know them:
 Fast-dLLM's parallel decoding (`threshold`): unmask every candidate whose confidence is
 at least `threshold`, and always the most confident one.
 
+On a Dream checkpoint (shifted logits) two loops follow the public Dream code instead
+(`public_dream_loop` says which; every remasking, as the public code ignores `alg` there):
+
+* `FASTDLLM_DREAM`, the block caches (`fastdllm_prefix`, `fastdllm_dual`, and
+  `bicache_dual` when its block-start forward decodes): Fast-dLLM's
+  `dream/model/generation_utils_block.py` (`_sample`). The block-start forward decodes
+  exactly the block's first position, whatever its confidence. Without a threshold,
+  step i = 1 .. S-1 of the block unmasks `int(m * (1 - s / t))` of its m masked positions
+  (t, s = points i, i + 1 of linspace(1, eps, S + 1); all that is left at i = S - 1),
+  ranked by negative entropy; with a threshold (the public `alg="confidence_threshold"`)
+  each step unmasks the most probable masked position and every other one whose token
+  probability is >= threshold, with no step limit, until the block is done.
+* `DREAM_THRESHOLD`, a threshold without a block cache: Dream's whole-canvas
+  `confidence_threshold` of Fast-dLLM's `dream/model/generation_utils.py` (`_sample`):
+  the confidence is the token probability and step i keeps at most `cap` positions,
+  `m0 // S` plus what earlier steps left over (m0: masked at the start); from the last
+  step on everything left, and the public loop adds steps until all are decoded.
+
 Differences from the PyTorch references (measured in tests/test_sampling.py): LLaDA draws
 Gumbel noise and softmax confidences in float64; we work in float32 and add the noise in
 log space (`logits / T + g`, the same distribution as LLaDA's `exp(logits) / (-log u)^T`,
 without its overflow). Dream averages the masked count over the batch before taking
 `int(n * (1 - s / t))`; we use each request's own count, so a padded batch decodes like
-each request alone.
+each request alone. Fast-dLLM's Dream block loop with S = 1 step per block leaves all but
+the first position of each block masked (it stops after one cached forward); ours
+decodes the whole block at its start. Dream's whole-canvas `confidence_threshold` asserts
+that the masked count is a multiple of S; ours puts the remainder on the last step.
 """
 
 from __future__ import annotations
@@ -35,6 +56,8 @@ from jaxtyping import Array, Bool, Float, Int
 LLADA_REMASKING = ("low_confidence", "random")
 DREAM_REMASKING = ("origin", "maskgit_plus", "topk_margin", "entropy")
 REMASKING = LLADA_REMASKING + DREAM_REMASKING
+FASTDLLM_DREAM = "fastdllm_dream"  # Fast-dLLM's Dream block-cache loop
+DREAM_THRESHOLD = "dream_threshold"  # Dream's whole-canvas confidence_threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +97,30 @@ class SamplerConfig:
     @property
     def is_dream(self) -> bool:
         return self.remasking in DREAM_REMASKING
+
+
+def public_dream_loop(sampler: SamplerConfig, logits_shift: bool, block_cache: bool,
+                      decodes_block_start: bool) -> str | None:
+    """Which public Dream loop a run follows (see the module docstring), or None.
+
+    logits_shift: a Dream checkpoint; block_cache: the policy has a Fast-dLLM block cache;
+    decodes_block_start: its block-start forward decodes (else it only builds the cache,
+    a schedule the public Dream code does not have)."""
+    if not logits_shift:
+        return None
+    if block_cache:
+        return FASTDLLM_DREAM if decodes_block_start else None
+    return DREAM_THRESHOLD if sampler.threshold is not None else None
+
+
+def loop_sampler(sampler: SamplerConfig, loop: str | None) -> SamplerConfig:
+    """The sampler whose confidence a public Dream loop ranks by, whatever `remasking`
+    says: the chosen token's probability with a threshold (`confidence_threshold`),
+    negative entropy without. Tokens are the same for every Dream remasking."""
+    if loop is None:
+        return sampler
+    return dataclasses.replace(
+        sampler, remasking="maskgit_plus" if sampler.threshold is not None else "entropy")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -167,24 +214,70 @@ def select_threshold(conf: Float[Array, "batch rows"], candidates: Bool[Array, "
     return candidates & ((conf >= threshold) | top)
 
 
+def _select_dream_count(
+    conf: Float[Array, "batch rows"], candidates: Bool[Array, "batch rows"],
+    step: Int[Array, ""], steps: int, key: jax.Array, sampler: SamplerConfig,
+) -> Bool[Array, "batch rows"]:
+    """Dream's top-`dream_transfer_count` rule (drawn with `alg_temp > 0`)."""
+    count = dream_transfer_count(jnp.sum(candidates, axis=-1), step, steps, sampler.eps)
+    if sampler.alg_temp > 0:
+        conf = conf / sampler.alg_temp + jax.random.gumbel(key, conf.shape)
+    return select_top(conf, candidates, count)
+
+
+def select_capped_threshold(
+    conf: Float[Array, "batch rows"], candidates: Bool[Array, "batch rows"],
+    step: Int[Array, ""], steps: int, masked_at_start: Int[Array, " batch"],
+    threshold: float,
+) -> Bool[Array, "batch rows"]:
+    """Dream's whole-canvas `confidence_threshold`: the threshold rule among the `cap` most
+    confident candidates. The public cap is `m0 // S` plus what earlier steps left; as
+    the steps so far took all but that carry, cap = masked - (m0 // S) * (S - 1 - step),
+    and from the last step on everything left."""
+    masked = jnp.sum(candidates, axis=-1)
+    cap = masked - (masked_at_start // steps) * jnp.maximum(steps - 1 - step, 0)
+    return select_threshold(conf, select_top(conf, candidates, cap), threshold)
+
+
+def select_fastdllm_dream(
+    conf: Float[Array, "batch rows"], candidates: Bool[Array, "batch rows"],
+    step: Int[Array, ""], steps: int, key: jax.Array, sampler: SamplerConfig,
+) -> Bool[Array, "batch rows"]:
+    """Fast-dLLM's Dream block loop (rows: the block; step 0: the block-start forward).
+    `conf` must come from `loop_sampler(sampler, FASTDLLM_DREAM)`."""
+    if sampler.threshold is not None:
+        later = select_threshold(conf, candidates, sampler.threshold)
+        start_count = 1
+    else:
+        later = _select_dream_count(conf, candidates, step, steps, key, sampler)
+        start_count = 1 if steps > 1 else candidates.shape[-1]  # S = 1: all at the start
+    # The block's first masked position (its first position: blocks decode in order).
+    start = candidates & (jnp.cumsum(candidates, axis=-1) <= start_count)
+    return jnp.where(step == 0, start, later)
+
+
 def select_positions(
     conf: Float[Array, "batch rows"], candidates: Bool[Array, "batch rows"],
     step: Int[Array, ""], steps: int, quota: Int[Array, "batch steps"], key: jax.Array,
-    sampler: SamplerConfig,
+    sampler: SamplerConfig, loop: str | None = None,
 ) -> Bool[Array, "batch rows"]:
-    """Which candidate rows to unmask this step (step index within the block)."""
+    """Which candidate rows to unmask this step (step index within the block; quota: the
+    LLaDA schedule of the block, which sums to its masked count at the block start).
+    `loop`: a public Dream loop (`public_dream_loop`), whose `conf` comes from
+    `loop_sampler`."""
+    if loop == FASTDLLM_DREAM:
+        return select_fastdllm_dream(conf, candidates, step, steps, key, sampler)
+    if loop == DREAM_THRESHOLD:
+        return select_capped_threshold(conf, candidates, step, steps,
+                                       jnp.sum(quota, axis=-1), sampler.threshold)
     if sampler.threshold is not None:
         return select_threshold(conf, candidates, sampler.threshold)
     if sampler.remasking == "random":
         return select_top(jax.random.uniform(key, conf.shape), candidates, quota[:, step])
-    masked = jnp.sum(candidates, axis=-1)
     if sampler.remasking == "origin":
         ts = jnp.linspace(1.0, sampler.eps, steps + 1)
         p = jnp.where(step == steps - 1, 1.0, 1.0 - ts[step + 1] / ts[step])
         return candidates & (jax.random.uniform(key, conf.shape) < p)
     if sampler.is_dream:
-        count = dream_transfer_count(masked, step, steps, sampler.eps)
-        if sampler.alg_temp > 0:
-            conf = conf / sampler.alg_temp + jax.random.gumbel(key, conf.shape)
-        return select_top(conf, candidates, count)
+        return _select_dream_count(conf, candidates, step, steps, key, sampler)
     return select_top(conf, candidates, quota[:, step])

@@ -9,6 +9,8 @@ from bicache_jax.sampling import (
     choose_tokens,
     dream_transfer_count,
     llada_transfer_counts,
+    select_capped_threshold,
+    select_fastdllm_dream,
     select_positions,
     select_threshold,
     select_top,
@@ -41,6 +43,35 @@ def test_threshold_rule_keeps_top_one_and_everything_above():
     cand = jnp.ones((2, 3), bool)
     got = select_threshold(conf, cand, 0.9)
     assert got.tolist() == [[True, False, False], [True, True, False]]
+
+
+def test_capped_threshold_carries_what_a_step_left():
+    conf = jnp.array([[0.9, 0.8, 0.7, 0.2]])
+    cand = jnp.ones((1, 4), bool)
+    start = jnp.array([4])  # 4 masked over 2 steps: cap 2 at step 0
+    got = select_capped_threshold(conf, cand, jnp.int32(0), 2, start, 0.75)
+    assert got.tolist() == [[True, True, False, False]]  # 0.7 passes but is over the cap
+    got = select_capped_threshold(conf, cand, jnp.int32(0), 2, start, 0.85)
+    assert got.tolist() == [[True, False, False, False]]
+    # Step 1 (the last): cap 2 + the 1 left over = all 3 left; the threshold still rules.
+    left = jnp.array([[False, True, True, True]])
+    got = select_capped_threshold(conf, left, jnp.int32(1), 2, start, 0.75)
+    assert got.tolist() == [[False, True, False, False]]
+
+
+def test_fastdllm_dream_block_start_takes_the_first_position_only():
+    conf = jnp.array([[-3.0, -0.1, -0.2, -2.0]])  # negative entropies: slot 0 least sure
+    cand = jnp.ones((1, 4), bool)
+    s = SamplerConfig(remasking="entropy")
+    start = select_fastdllm_dream(conf, cand, jnp.int32(0), 4, jax.random.key(0), s)
+    assert start.tolist() == [[True, False, False, False]]
+    # Step 1 of S = 2 is the last: everything left.
+    later = select_fastdllm_dream(conf, cand.at[0, 0].set(False), jnp.int32(1), 2,
+                                  jax.random.key(0), s)
+    assert later.tolist() == [[False, True, True, True]]
+    hot = SamplerConfig(remasking="maskgit_plus", threshold=0.9)
+    start = select_fastdllm_dream(conf, cand, jnp.int32(0), 1, jax.random.key(0), hot)
+    assert start.tolist() == [[True, False, False, False]]  # no step limit: still one
 
 
 def test_confidence_is_softmax_probability_of_argmax_token():
