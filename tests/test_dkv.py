@@ -370,7 +370,7 @@ def test_repeated_calls_do_not_recompile(models):
     ("dkv_greedy", LOW_CONF, {}, "remasking='random'"),
     ("dkv_greedy", RANDOM, dict(window_size=-1), "window_size must be >= 0"),
     ("dkv_greedy", RANDOM, dict(window_size=1.5), "window_size must be an integer"),
-    ("dkv_decode", LOW_CONF, dict(window_size=2), "window_size is a dkv_greedy setting"),
+    ("dkv_decode", LOW_CONF, dict(window_size=2), "window_size is a setting of dkv_greedy"),
     ("dkv_greedy", RANDOM, dict(refresh_interval=0), "refresh_interval must be >= 1"),
     ("dkv_decode", LOW_CONF, dict(refresh_interval=-2), "refresh_interval must be >= 1"),
     ("dkv_pd", LOW_CONF, dict(refresh_interval=2.5), "refresh_interval must be an integer"),
