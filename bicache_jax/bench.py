@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .cli_args import HelpFormatter, choice_list, int_list
 from .config import ModelConfig, llada_8b
 from .generate import Prompt, compile_count, compute_prefix_entry, generate
 from .model import init_params
@@ -259,31 +260,32 @@ def plot(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="bicache-jax bench", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The `bicache-jax bench` argument parser."""
+    ap = argparse.ArgumentParser(prog="bicache-jax bench", description=__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu",
                     help="cpu: small model, minutes on 2 cores; gpu: LLaDA-8B shape, "
                          "random bf16 weights; toy: CI smoke test")
-    ap.add_argument("--policies", help="comma-separated subset of policies")
-    ap.add_argument("--batch-sizes", help="comma-separated, e.g. 1,4,16")
-    ap.add_argument("--ratios", help="comma-separated prefix ratios in percent")
+    ap.add_argument("--policies", type=choice_list(POLICIES, "policy"),
+                    help="comma-separated subset of policies (None: the scale's)")
+    ap.add_argument("--batch-sizes", type=int_list(1),
+                    help="comma-separated, e.g. 1,4,16 (None: the scale's)")
+    ap.add_argument("--ratios", type=int_list(0, 99),
+                    help="comma-separated prefix ratios in percent, 0-99 (None: the scale's)")
     ap.add_argument("--out", help="result JSON path (default benchmarks/results/"
                                   "throughput_<scale>_<device>.json)")
     ap.add_argument("--plot", action="store_true", help="also write a PNG beside the JSON")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     settings = SCALES[args.scale]
     changes = {}
-    if args.policies:
-        changes["policies"] = tuple(args.policies.split(","))
-        for p in changes["policies"]:
-            if p not in POLICIES:
-                ap.error(f"unknown policy {p!r}; known: {sorted(POLICIES)}")
-    if args.batch_sizes:
-        changes["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
-    if args.ratios:
-        changes["ratios"] = tuple(int(r) for r in args.ratios.split(","))
+    for name in ("policies", "batch_sizes", "ratios"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
     settings = dataclasses.replace(settings, **changes)
     result = run(settings)
     slug = result["device"]["device_kind"].lower().replace(" ", "_")
