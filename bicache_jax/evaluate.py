@@ -5,6 +5,11 @@ served with each policy. Reported: exact-answer accuracy per policy, per family 
 prefix-ratio bucket; fidelity against `none` (exact-answer agreement and token
 agreement); tokens/s. Results go to `benchmarks/results/` as JSON plus a PNG of accuracy
 vs prefix ratio per policy.
+
+A model made by `bicache-jax train` (its `train_config.json` sets the lengths) is fed the
+suite's own ids; any other checkpoint or HF folder gets the suite's text rendered through
+its own `tokenizer.json` (answers end at its EOS token), and one without a tokenizer is
+refused before it is loaded.
 """
 
 from __future__ import annotations
