@@ -39,6 +39,7 @@ FORMAT = "bicache_jax"
 VERSION = 1
 
 Params = dict
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The model `bicache-jax` commands use when no --model is given.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default_model"
 
@@ -49,7 +50,6 @@ class LoadedModel(NamedTuple):
     params: Params
     config: ModelConfig
     depth_table: dict[int, int] | None  # the profiler's r -> b table, None if never profiled
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _resolve_dtype(dtype: Any) -> Any:
@@ -121,12 +121,12 @@ def save(path: str | Path, params: Params, config: ModelConfig,
 
 
 def remove_partial(path: str | Path) -> list[Path]:
-    """Remove the hidden `.NAME.tmp-*` / `.NAME.old-*` folders beside `path` that a killed
-    `save` left behind (a save removes its own unless the process dies first); returns
-    them. Two processes must not save to the same path at once."""
+    """Remove the hidden `.NAME.tmp-*` folders beside `path` that a killed `save` left
+    behind (a save removes its own unless the process dies first); returns them. Two
+    processes must not save to the same path at once. (A `.NAME.old-*` folder is kept: a
+    save killed while swapping an overwritten checkpoint leaves the old one there.)"""
     path = Path(path).absolute()
-    stale = sorted(path.parent.glob(f".{path.name}.tmp-*")) + sorted(
-        path.parent.glob(f".{path.name}.old-*"))
+    stale = sorted(path.parent.glob(f".{path.name}.tmp-*"))
     for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
     return stale

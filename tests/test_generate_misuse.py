@@ -94,8 +94,9 @@ def test_float_ids_are_refused_not_truncated(params):
     (dict(gen_length=16.0), ValueError, "gen_length must be an integer, got 16.0"),
     (dict(steps=4.0), ValueError, "steps must be an integer"),
     (dict(policy="bicache", reuse_depth=1.0), ValueError, "reuse_depth must be an integer"),
-    (dict(config=C.tiny_dream()), ValueError, "params: params do not match the config: "
-                                              "missing arrays ['layers/bk', 'layers/bq', 'layers/bv']"),
+    (dict(config=C.tiny_dream()), ValueError,  # LLaDA params, a Dream config (qkv biases)
+     "params: params do not match the config: missing arrays ['layers/bk', 'layers/bq', "
+     "'layers/bv']"),
 ])
 def test_bad_arguments_name_themselves(params, kw, exc, start):
     assert _error(params, exc, **kw).startswith(start)
