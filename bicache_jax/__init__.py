@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .checkpoint import load, restore, save
+from .checkpoint import LoadedModel, load, restore, save
 from .config import ModelConfig, dream_7b, llada_8b, preset
 from .generate import GenerateOutput, Prompt, compile_count, generate
 from .model import PrefixKV, encode_prefix, forward, forward_rows, init_params
@@ -17,7 +17,7 @@ try:
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["POLICIES", "Engine", "GenerateOutput", "ModelConfig", "PrefixKV", "PrefixStore",
-           "Prompt", "Request", "SamplerConfig", "Tokenizer", "compile_count", "dream_7b",
-           "encode_prefix", "forward", "forward_rows", "generate", "init_params", "llada_8b",
-           "load", "preset", "restore", "save", "__version__"]
+__all__ = ["POLICIES", "Engine", "GenerateOutput", "LoadedModel", "ModelConfig", "PrefixKV",
+           "PrefixStore", "Prompt", "Request", "SamplerConfig", "Tokenizer", "__version__",
+           "compile_count", "dream_7b", "encode_prefix", "forward", "forward_rows", "generate",
+           "init_params", "llada_8b", "load", "preset", "restore", "save"]
