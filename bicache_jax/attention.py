@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .config import ATTENTION_IMPLS
+from .mesh import current_mesh, pallas_attention_sharded
 from .pallas_kernels import attention as pallas_attention
 from .pallas_kernels import attention_reference
 
@@ -113,8 +114,6 @@ def attention(
         return attention_reference(*args)
     if impl == "cudnn":
         return _attention_cudnn(*args)
-    from .sharding import current_mesh, pallas_attention_sharded
-
     mesh = current_mesh()  # set by sharding.generate_sharded (jax.set_mesh)
     if mesh is not None:  # GSPMD cannot split a Pallas call: shard_map it (batch, heads)
         return pallas_attention_sharded(mesh, *args)

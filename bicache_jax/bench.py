@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .cli_args import HelpFormatter, choice_list, int_in, int_list
 from .config import ModelConfig, llada_8b
 from .generate import Prompt, compile_count, compute_prefix_entry, generate
 from .model import init_params
@@ -377,7 +378,7 @@ def run_paired(settings: PairedSettings, *, progress=print) -> dict:
         for v in wl.policies:  # compile + fill the store, then one warm-up call
             before = compile_count()
             out, wall, _ = call(v, request(0), store)
-            store = out.cache or store
+            store = out.cache
             first[v] = (wall, compile_count() - before)
             call(v, request(0), store)
         times = {v: [] for v in wl.policies}
@@ -449,37 +450,41 @@ def paired_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="bicache-jax bench", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The `bicache-jax bench` argument parser."""
+    ap = argparse.ArgumentParser(prog="bicache-jax bench", description=__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES) + sorted(PAIRED_SCALES), default="cpu",
                     help="cpu: small model, minutes on 2 cores; gpu: LLaDA-8B shape, "
                          "random bf16 weights; toy: CI smoke test; shared: the shared-prefix "
                          "regime, policies interleaved request by request (d384 x 6 model, "
                          "~20 min on 2 cores); shared_toy: its CI smoke test")
-    ap.add_argument("--workloads", help="shared scales: comma-separated workload names")
-    ap.add_argument("--repeats", type=int, help="shared scales: requests per policy")
-    ap.add_argument("--policies", help="comma-separated subset of policies")
-    ap.add_argument("--batch-sizes", help="comma-separated, e.g. 1,4,16")
-    ap.add_argument("--ratios", help="comma-separated prefix ratios in percent")
+    ap.add_argument("--workloads", help="shared scales: comma-separated workload names "
+                                        "(None: all of the scale's)")
+    ap.add_argument("--repeats", type=int_in(1),
+                    help="shared scales: requests per policy (None: the scale's)")
+    ap.add_argument("--policies", type=choice_list(POLICIES, "policy"),
+                    help="comma-separated subset of policies (None: the scale's)")
+    ap.add_argument("--batch-sizes", type=int_list(1),
+                    help="comma-separated, e.g. 1,4,16 (None: the scale's)")
+    ap.add_argument("--ratios", type=int_list(0, 99),
+                    help="comma-separated prefix ratios in percent, 0-99 (None: the scale's)")
     ap.add_argument("--out", help="result JSON path (default benchmarks/results/"
                                   "throughput_<scale>_<device>.json)")
     ap.add_argument("--plot", action="store_true", help="also write a PNG beside the JSON")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.scale in PAIRED_SCALES:
         return _main_paired(ap, args)
     settings = SCALES[args.scale]
     changes = {}
-    if args.policies:
-        changes["policies"] = tuple(args.policies.split(","))
-        for p in changes["policies"]:
-            if p not in POLICIES:
-                ap.error(f"unknown policy {p!r}; known: {sorted(POLICIES)}")
-    if args.batch_sizes:
-        changes["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
-    if args.ratios:
-        changes["ratios"] = tuple(int(r) for r in args.ratios.split(","))
+    for name in ("policies", "batch_sizes", "ratios"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
     settings = dataclasses.replace(settings, **changes)
     result = run(settings)
     slug = result["device"]["device_kind"].lower().replace(" ", "_")
@@ -505,8 +510,6 @@ def _main_paired(ap, args) -> int:
         settings = dataclasses.replace(settings, workloads=tuple(
             w for w in settings.workloads if w.name in names))
     if args.repeats is not None:
-        if args.repeats < 1:
-            ap.error(f"--repeats must be >= 1, got {args.repeats}")
         settings = dataclasses.replace(settings, repeats=args.repeats)
     result = run_paired(settings)
     out = Path(args.out or f"benchmarks/results/throughput_{args.scale}_"

@@ -20,16 +20,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .config import ModelConfig
 from .convert.convert import DType, convert_hf
 from .convert.hf_config import read_hf_config
-from .convert.key_maps import ParamPath, param_shapes
+from .convert.key_maps import check_params
 from .profiler import parse_table
 
 MARKER_FILE = "bicache_checkpoint.json"
@@ -41,34 +40,16 @@ VERSION = 1
 
 Params = dict
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The model `bicache-jax` commands use when no --model is given.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default_model"
 
 
-def _flatten(tree: Any, prefix: ParamPath = ()) -> dict[ParamPath, Any]:
-    if isinstance(tree, dict):
-        out: dict[ParamPath, Any] = {}
-        for key, value in tree.items():
-            out |= _flatten(value, (*prefix, str(key)))
-        return out
-    return {prefix: tree}
+class LoadedModel(NamedTuple):
+    """What `load` and `restore` return; unpacks as `params, config, depth_table`."""
 
-
-def _check_params(params: Any, config: ModelConfig, where: str) -> None:
-    """Raise `ValueError` unless `params` has exactly the arrays and shapes of `config`."""
-    want = param_shapes(config)
-    have = _flatten(params)
-    problems = []
-    missing = sorted("/".join(p) for p in want if p not in have)
-    extra = sorted("/".join(p) for p in have if p not in want)
-    if missing:
-        problems.append(f"missing arrays {missing}")
-    if extra:
-        problems.append(f"unexpected arrays {extra}")
-    for path, shape in want.items():
-        if path in have and _shape(have[path]) != shape:
-            problems.append(f"{'/'.join(path)} has shape {list(_shape(have[path]))}, the "
-                            f"config wants {list(shape)}")
-    if problems:
-        raise ValueError(f"{where}: params do not match the config: " + "; ".join(problems))
+    params: Params
+    config: ModelConfig
+    depth_table: dict[int, int] | None  # the profiler's r -> b table, None if never profiled
 
 
 def _resolve_dtype(dtype: Any) -> Any:
@@ -101,14 +82,16 @@ def save(path: str | Path, params: Params, config: ModelConfig,
     `profiler.parse_table`.
 
     Atomic: the checkpoint is assembled in a temporary sibling directory and renamed
-    into place when complete; on any error nothing is left behind. An existing `path`
-    raises `FileExistsError` unless `overwrite=True` (then it is replaced as a whole
-    only after the new checkpoint is complete). Returns the absolute path.
+    into place when complete; on any error (Ctrl-C included) nothing is left behind, and
+    the leftovers of a process killed while saving are removed first (`remove_partial`).
+    An existing `path` raises `FileExistsError` unless `overwrite=True` (then it is
+    replaced as a whole only after the new checkpoint is complete). Returns the absolute
+    path.
     """
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
-    _check_params(params, config, str(path))
+    check_params(params, config, str(path))
     table_text = None
     if profile_table is not None:
         try:
@@ -118,6 +101,7 @@ def save(path: str | Path, params: Params, config: ModelConfig,
             raise ValueError(f"{path / TABLE_FILE}: profile_table is not a reuse table: "
                              f"{e}") from e
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         ocp = _ocp()
@@ -134,6 +118,18 @@ def save(path: str | Path, params: Params, config: ModelConfig,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def remove_partial(path: str | Path) -> list[Path]:
+    """Remove the hidden `.NAME.tmp-*` folders beside `path` that a killed `save` left
+    behind (a save removes its own unless the process dies first); returns them. Two
+    processes must not save to the same path at once. (A `.NAME.old-*` folder is kept: a
+    save killed while swapping an overwritten checkpoint leaves the old one there.)"""
+    path = Path(path).absolute()
+    stale = sorted(path.parent.glob(f".{path.name}.tmp-*"))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
@@ -157,10 +153,6 @@ def _is_array_meta(m: Any) -> bool:
     return hasattr(m, "shape") and hasattr(m, "dtype")
 
 
-def _shape(x: Any) -> tuple[int, ...]:
-    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -176,9 +168,8 @@ def _array_metadata(ckptr: Any, params_dir: Path) -> Any:
     return getattr(meta, "tree", meta)
 
 
-def restore(path: str | Path, dtype: DType | Any = None
-            ) -> tuple[Params, ModelConfig, Any | None]:
-    """Read a checkpoint written by `save`: `(params, config, profile_table or None)`.
+def restore(path: str | Path, dtype: DType | Any = None) -> LoadedModel:
+    """Read a checkpoint written by `save`: `(params, config, depth_table or None)`.
 
     `dtype` (None, "float32", "bfloat16" or a jnp dtype) casts every array; None keeps the
     stored dtypes, bit for bit. Arrays land on the default device. Errors name the file.
@@ -200,14 +191,7 @@ def restore(path: str | Path, dtype: DType | Any = None
         raise FileNotFoundError(f"{config_path}: missing") from e
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{config_path}: not a valid ModelConfig: {e}") from e
-    table_path = path / TABLE_FILE
-    table = None
-    if table_path.is_file():
-        try:
-            table = parse_table(_read_json(table_path))
-        except ValueError as e:
-            raise ValueError(f"{table_path}: {e}") from e
-
+    table = _read_table(path)
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir}: missing")
@@ -221,16 +205,41 @@ def restore(path: str | Path, dtype: DType | Any = None
                 lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
                 meta, is_leaf=_is_array_meta)
         except Exception as e:  # orbax / tensorstore raise many types
-            raise ValueError(f"{params_dir}: cannot read the params metadata: {e}") from e
-        _check_params(target, config, str(params_dir))
+            raise ValueError(f"{params_dir}: cannot read the params metadata (corrupt or "
+                             f"incomplete checkpoint?): {_root_cause(e)}") from e
+        if not hasattr(target, "items") or not target:  # orbax may only log the failure
+            raise ValueError(f"{params_dir}: cannot read the params metadata (corrupt or "
+                             f"incomplete checkpoint?)")
+        check_params(target, config, str(params_dir))
         try:
             params = ckptr.restore(params_dir, target)
         except Exception as e:
-            raise ValueError(f"{params_dir}: cannot restore params: {e}") from e
+            raise ValueError(f"{params_dir}: cannot restore params (corrupt or incomplete "
+                             f"checkpoint?): {_root_cause(e)}") from e
     params = _plain(params)
     if cast is not None:
         params = jax.tree.map(lambda x: x.astype(cast), params)
-    return params, config, table
+    return LoadedModel(params, config, table)
+
+
+def _read_table(folder: Path) -> dict[int, int] | None:
+    """The r -> b table `bicache-jax profile` wrote into `folder`, or None."""
+    table_path = folder / TABLE_FILE
+    if not table_path.is_file():
+        return None
+    try:
+        return parse_table(_read_json(table_path))
+    except ValueError as e:
+        raise ValueError(f"{table_path}: {e}") from e
+
+
+def _root_cause(error: BaseException) -> str:
+    """One line for an orbax / TensorStore failure: the innermost error of the chain (the
+    outer ones wrap it in a multi-line dump of the TensorStore spec)."""
+    while (inner := error.__cause__ or error.__context__) is not None:
+        error = inner
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0].split(" See full TensorStore details")[0]
 
 
 def _plain(tree: Any) -> Any:
@@ -240,14 +249,15 @@ def _plain(tree: Any) -> Any:
     return tree
 
 
-def load(path: str | Path, dtype: DType | Any = None, progress: bool = True
-         ) -> tuple[Params, ModelConfig, Any | None]:
+def load(path: str | Path, dtype: DType | Any = None, progress: bool = True) -> LoadedModel:
     """Load a model from a bicache_jax checkpoint or an HF checkpoint folder.
 
     A directory with the marker file is restored with `restore` (dtype None keeps the
     stored dtypes). A directory whose `config.json` has a `model_type` is converted with
-    `convert_hf` (dtype None means "float32"; the profile table is then None). Returns
-    `(params, config, profile_table or None)`.
+    `convert_hf` (dtype None means "float32"). Either way the depth table is the
+    `bicache_table.json` that `bicache-jax profile --model PATH` wrote into the folder
+    (None until the model is profiled). Returns `LoadedModel(params, config,
+    depth_table)`, which unpacks as a 3-tuple.
     """
     path = Path(path)
     if is_checkpoint(path):
@@ -269,8 +279,27 @@ def load(path: str | Path, dtype: DType | Any = None, progress: bool = True
     elif not isinstance(dtype, str):
         dtype = {jnp.dtype(jnp.float32): "float32",
                  jnp.dtype(jnp.bfloat16): "bfloat16"}.get(jnp.dtype(dtype), str(dtype))
+    table = _read_table(path)  # before the (long) conversion: a bad table fails fast
     config, params = convert_hf(path, dtype=dtype, progress=progress)
-    return params, config, None
+    return LoadedModel(params, config, table)
+
+
+def load_model(path: str | Path | None = None, dtype: DType | Any = None,
+               progress: bool = True) -> tuple[Params, ModelConfig, dict[int, int] | None,
+                                               Any | None]:
+    """`load` plus the folder's tokenizer: `(params, config, depth_table, Tokenizer or
+    None)`; `path` None is `DEFAULT_MODEL`. What the command line and the harness load."""
+    path = Path(path) if path else DEFAULT_MODEL
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path} (pass --model PATH: an HF folder or a "
+                                f"checkpoint written by `bicache-jax convert`)")
+    params, config, table = load(path, dtype, progress)
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_folder(path)
+    return params, config, table, tokenizer
 
 
 def convert_checkpoint(hf_folder: str | Path, path: str | Path, dtype: DType = "bfloat16",

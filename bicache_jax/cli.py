@@ -17,45 +17,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "default_model"
+from . import __version__
+from .cli_args import HelpFormatter, int_in, unit_float
+from .policies import POLICIES, get_policy
+from .sampling import REMASKING
+
+# Bad input or usage: exit status 2 with one line (argparse's own errors exit 2 too).
+# A failure while running (I/O, ...) exits 1.
+BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def _add_sampler_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("decoding")
-    g.add_argument("--gen-length", type=int, default=32, help="tokens to generate")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: "
-                   "gen-length)")
-    g.add_argument("--block-length", type=int, default=None,
-                   help="semi-autoregressive block length (default: gen-length)")
-    g.add_argument("--policy", default="none", help="cache policy: none, naive_prefix, "
-                   "bicache, fastdllm_prefix, fastdllm_dual, bicache_dual, dkv_decode, "
-                   "dkv_greedy, dkv_prefill, dkv_pd")
-    g.add_argument("--reuse-depth", type=int, default=None,
-                   help="BiCache depth b (default: from the model's profiler table)")
-    g.add_argument("--refresh-interval", type=int, default=None,
-                   help="steps between refreshes (BiCache default 16, dKV default 8)")
-    g.add_argument("--window-size", type=int, default=None,
-                   help="dkv_greedy: masked neighbours recomputed around each next token")
-    g.add_argument("--remasking", default=None,
-                   help="low_confidence (default; random for dkv_greedy), random (LLaDA) "
-                        "or origin, maskgit_plus, topk_margin, entropy (Dream)")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--alg-temp", type=float, default=0.0)
-    g.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--gen-length", type=int_in(1), default=32, help="tokens to generate")
+    g.add_argument("--steps", type=int_in(1), default=None,
+                   help="denoising steps (None: gen-length)")
+    g.add_argument("--block-length", type=int_in(1), default=None,
+                   help="semi-autoregressive block length (None: gen-length)")
+    g.add_argument("--policy", default="none", choices=sorted(POLICIES), metavar="POLICY",
+                   help=f"cache policy: {', '.join(POLICIES)}")
+    g.add_argument("--reuse-depth", type=int_in(0), default=None,
+                   help="BiCache depth b (None: from the model's profiler table)")
+    g.add_argument("--refresh-interval", type=int_in(1), default=None,
+                   help="steps between refreshes (None: BiCache 16, dkv_decode/dkv_pd 8, "
+                        "dkv_greedy 2)")
+    g.add_argument("--window-size", type=int_in(0), default=None,
+                   help="dkv_greedy: masked neighbours recomputed around each next token "
+                        "(None: 0)")
+    g.add_argument("--remasking", default=None, choices=REMASKING, metavar="RULE",
+                   help=f"{', '.join(REMASKING)} (None: low_confidence; random for "
+                        f"dkv_greedy)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=None, help="Dream: nucleus sampling")
+    g.add_argument("--top-k", type=int_in(1), default=None, help="Dream: top-k sampling")
+    g.add_argument("--alg-temp", type=float, default=0.0,
+                   help="Dream: temperature of the confidence ranking")
+    g.add_argument("--threshold", type=unit_float, default=None,
                    help="Fast-dLLM parallel decoding: unmask all tokens above this "
                         "confidence (at least one per step)")
-    g.add_argument("--cfg-scale", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cfg-scale", type=float, default=0.0,
+                   help="LLaDA classifier-free guidance scale (policy none)")
+    g.add_argument("--seed", type=int, default=0, help="PRNG seed")
 
 
 def _sampler(args):
-    from .policies import get_policy
     from .sampling import SamplerConfig
 
     remasking = args.remasking or ("random" if get_policy(args.policy).fixed_order
@@ -65,54 +75,45 @@ def _sampler(args):
                          threshold=args.threshold, cfg_scale=args.cfg_scale)
 
 
-def _load_model(path: str | None):
-    """(params, config, depth_table, tokenizer or None) from a checkpoint or HF folder."""
-    from .checkpoint import load
-
-    path = Path(path) if path else DEFAULT_MODEL
-    if not path.exists():
-        sys.exit(f"error: no model at {path} (pass --model PATH: an HF folder or a "
-                 f"checkpoint written by `bicache-jax convert`)")
-    params, config, table = load(path)
-    tokenizer = None
-    if (path / "tokenizer.json").exists():
-        from .tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_folder(path)
-    return params, config, table, tokenizer
-
-
-def _ids(text: str) -> list[int]:
-    return [int(t) for t in text.replace(",", " ").split()]
+def _ids(text: str, flag: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{flag}: token ids must be integers, got {text!r}") from None
 
 
 def cmd_generate(args) -> int:
     import jax
 
-    from .generate import Prompt, generate
+    from .checkpoint import load_model
+    from .generate import Prompt, check_policy_settings, generate
     from .prefix_store import PrefixStore
 
-    params, config, table, tok = _load_model(args.model)
+    # Everything that needs no model first: a bad flag must not cost a conversion.
+    sampler = _sampler(args)
+    check_policy_settings(get_policy(args.policy), args.reuse_depth, args.refresh_interval,
+                          args.window_size)
+    if args.prompt_ids is None and args.prompt is None:
+        raise ValueError("give --prompt TEXT or --prompt-ids IDS")
     if args.prompt_ids is not None:
-        prompt = _ids(args.prompt_ids)
-        prefix = _ids(args.prefix_ids) if args.prefix_ids else []
-    elif args.prompt is not None:
+        prompt = _ids(args.prompt_ids, "--prompt-ids")
+        prefix = _ids(args.prefix_ids, "--prefix-ids") if args.prefix_ids else []
+    params, config, table, tok = load_model(args.model)
+    if args.prompt_ids is None:
         if tok is None:
-            sys.exit("error: this model has no tokenizer.json; use --prompt-ids")
+            raise ValueError("this model has no tokenizer.json; use --prompt-ids")
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": args.prompt})
         if args.raw:
             prefix, prompt = tok.encode(args.system or ""), tok.encode(args.prompt)
         else:
             prefix, prompt = tok.split_conversation(messages)
-    else:
-        sys.exit("error: give --prompt TEXT or --prompt-ids IDS")
     store = PrefixStore(depth_table=table)
     t0 = time.perf_counter()
     out = generate(params, [Prompt(prompt=prompt, prefix=prefix)], store, config=config,
                    gen_length=args.gen_length, steps=args.steps,
                    block_length=args.block_length, policy=args.policy,
-                   sampler=_sampler(args), key=jax.random.key(args.seed),
+                   sampler=sampler, key=jax.random.key(args.seed),
                    reuse_depth=args.reuse_depth, refresh_interval=args.refresh_interval,
                    window_size=args.window_size)
     seconds = time.perf_counter() - t0
@@ -133,30 +134,61 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import save
-    from .convert import convert_hf
+    from .checkpoint import convert_checkpoint
 
-    config, params = convert_hf(args.hf_dir, dtype=args.dtype, progress=True)
-    save(args.out_dir, params, config)
+    out = Path(args.out_dir)
+    if out.exists() and not args.overwrite:  # before minutes of converting
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    signals = []
+
+    def interrupt(signum, frame):  # SIGTERM unwinds like Ctrl-C, so save() cleans up
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
+    try:
+        config = convert_checkpoint(args.hf_dir, out, dtype=args.dtype,
+                                    overwrite=args.overwrite)
+    except BaseException:
+        # An interrupt inside a C extension (TensorStore) may surface as another error.
+        if not signals:
+            raise
+        print(f"interrupted: nothing written to {out} (partial files removed)",
+              file=sys.stderr)
+        return 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM
+                          else signal.default_int_handler)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         src = Path(args.hf_dir) / name
         if src.exists():
-            (Path(args.out_dir) / name).write_bytes(src.read_bytes())
-    print(f"wrote {args.out_dir} ({config.layout}, {config.n_layers} layers, "
+            (out / name).write_bytes(src.read_bytes())
+    print(f"wrote {out} ({config.layout}, {config.n_layers} layers, "
           f"{config.param_count() / 1e6:.1f}M params, {args.dtype})")
     return 0
 
 
 def cmd_profile(args) -> int:
+    from .checkpoint import DEFAULT_MODEL, TABLE_FILE, load_model
     from .profiler import profile, read_pairs
 
-    params, config, _, _ = _load_model(args.model)
-    result = profile(params, config, read_pairs(args.data), threshold=args.threshold,
-                     min_samples=args.min_samples)
-    out = Path(args.out) if args.out else Path(args.model or DEFAULT_MODEL) / \
-        "bicache_table.json"
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    out = Path(args.out) if args.out else model / TABLE_FILE
+    if out.exists() and not args.overwrite:  # before loading the model
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    pairs = read_pairs(args.data)
+    params, config, _, _ = load_model(model)
+    try:
+        result = profile(params, config, pairs, threshold=args.threshold,
+                         min_samples=args.min_samples)
+    except ValueError as e:
+        raise ValueError(f"{args.data}: {e}") from None
     result.save(out)
-    print(f"r -> b table: {result.table}\nwrote {out}")
+    where = ("; `bj.load` and `--model` read it from there" if out == model / TABLE_FILE
+             else f"; copy it to {model / TABLE_FILE} for `bj.load` to find it")
+    print(f"r -> b table: {result.table}\nwrote {out}{where}")
     return 0
 
 
@@ -191,19 +223,25 @@ DELEGATED = {"bench": (cmd_bench, "throughput sweep (see bench --help)"),
              "eval": (cmd_eval, "accuracy of every policy (see eval --help)"),
              "train": (cmd_train, "train the small default model (see train --help)")}
 
+MODEL_HELP = "checkpoint or HF folder (None: the built-in model)"
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bicache-jax", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="shared-prefix workload with every policy")
-    p.add_argument("--model", help="checkpoint or HF folder (default: built-in model)")
-    p.add_argument("--requests", type=int, default=48, help="requests to serve")
+    def command(name, text):
+        return sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+
+    p = command("demo", "shared-prefix workload with every policy")
+    p.add_argument("--model", help=MODEL_HELP + ", or 'random'")
+    p.add_argument("--requests", type=int_in(1), default=48, help="requests to serve")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("generate", help="generate from text or token ids")
-    p.add_argument("--model", help="checkpoint or HF folder (default: built-in model)")
+    p = command("generate", "generate from text or token ids")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--prompt", help="user message (text; needs a tokenizer)")
     p.add_argument("--system", help="system prompt: the shared prefix")
     p.add_argument("--raw", action="store_true", help="no chat template: prefix = system "
@@ -214,20 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("convert", help="HF LLaDA/Dream folder -> bicache_jax checkpoint")
-    p.add_argument("hf_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p = command("convert", "HF LLaDA/Dream folder -> bicache_jax checkpoint")
+    p.add_argument("hf_dir", help="HF folder (config.json + safetensors)")
+    p.add_argument("out_dir", help="checkpoint folder to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="dtype of the stored params")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("profile", help="build BiCache's r -> b table")
-    p.add_argument("--model", help="checkpoint or HF folder (default: built-in model)")
+    p = command("profile", "build BiCache's r -> b table")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--data", required=True,
                    help='JSONL, one {"prefix": [ids], "prompt": [ids]} per line')
-    p.add_argument("--threshold", type=float, default=0.97)
-    p.add_argument("--min-samples", type=int, default=1,
+    p.add_argument("--threshold", type=unit_float, default=0.97,
+                   help="a layer is reusable while its mean K/V cosine stays above this")
+    p.add_argument("--min-samples", type=int_in(1), default=1,
                    help="skip ratio buckets with fewer samples")
-    p.add_argument("--out", help="table JSON (default: MODEL/bicache_table.json)")
+    p.add_argument("--out", help="table JSON (None: MODEL/bicache_table.json, where "
+                                 "`bj.load(MODEL)` finds it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing table")
     p.set_defaults(func=cmd_profile)
 
     for name, (_, text) in DELEGATED.items():
@@ -236,15 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 failure while running, 2 bad
+    input or usage, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         if argv and argv[0] in DELEGATED:
             return DELEGATED[argv[0]][0](argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BAD_INPUT as e:  # bad input: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, ...: the run failed, not the input
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from typing import Literal
+
+import numpy as np
 
 Layout = Literal["llada", "dream"]
 AttentionImpl = Literal["reference", "xla", "cudnn", "pallas"]
@@ -71,6 +74,15 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    def check_ids(self, ids: Sequence[int], where: str) -> None:
+        """Raise ValueError naming `where` unless every id is in [0, vocab_size) and none
+        is the mask token (what the model can be given as input)."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"{where}: token ids must be in [0, {self.vocab_size})")
+        if np.any(ids == self.mask_token_id):
+            raise ValueError(f"{where}: contains the mask token id {self.mask_token_id}")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -31,11 +31,9 @@ def _serve(params, config, prompts, policy, store, batch_size, **kw):
                      config=config, policy=policy, **kw)
             first = False
         t0 = time.perf_counter()
-        out = generate(params, chunk, store if POLICIES[policy].uses_store else None,
-                       config=config, policy=policy, **kw)
+        out = generate(params, chunk, store, config=config, policy=policy, **kw)
         seconds += time.perf_counter() - t0
-        if out.cache is not None:
-            store = out.cache
+        store = out.cache
         tokens.append(out.tokens)
     return np.concatenate(tokens), seconds
 
@@ -59,11 +57,12 @@ def random_demo(requests: int = 16) -> int:
     prefix = tuple(rng.integers(0, config.mask_token_id, 192).tolist())
     prompts = [Prompt(prompt=tuple(rng.integers(0, config.mask_token_id, 16).tolist()),
                       prefix=prefix) for _ in range(requests)]
-    kw = dict(gen_length=32, steps=32, block_length=16, reuse_depth=config.n_layers // 2)
     rows, reference = [], None
     for policy in DEMO_POLICIES:
-        store = PrefixStore()
-        tokens, seconds = _serve(params, config, prompts, policy, store, 8, **kw)
+        kw = dict(gen_length=32, steps=32, block_length=16)
+        if POLICIES[policy].takes_reuse_depth:  # no profiler table for random weights
+            kw["reuse_depth"] = config.n_layers // 2
+        tokens, seconds = _serve(params, config, prompts, policy, PrefixStore(), 8, **kw)
         reference = tokens if reference is None else reference
         rows.append({"policy": policy, "tps": len(prompts) * 32 / seconds,
                      "agree": 100 * float(np.mean(tokens == reference))})
@@ -75,7 +74,7 @@ def random_demo(requests: int = 16) -> int:
 
 
 def run_demo(model: str | None = None, requests: int = 48) -> int:
-    from .cli import DEFAULT_MODEL
+    from .checkpoint import DEFAULT_MODEL
 
     if model == "random" or (model is None and not DEFAULT_MODEL.exists()):
         return random_demo(min(requests, 16))

@@ -5,6 +5,11 @@ served with each policy. Reported: exact-answer accuracy per policy, per family 
 prefix-ratio bucket; fidelity against `none` (exact-answer agreement and token
 agreement); tokens/s. Results go to `benchmarks/results/` as JSON plus a PNG of accuracy
 vs prefix ratio per policy.
+
+A model made by `bicache-jax train` (its `train_config.json` sets the lengths) is fed the
+suite's own ids; any other checkpoint or HF folder gets the suite's text rendered through
+its own `tokenizer.json` (answers end at its EOS token), and one without a tokenizer is
+refused before it is loaded.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from . import tasks
+from .cli_args import HelpFormatter, choice_list, int_in
 from .generate import Prompt, generate, prefix_ratio
 from .policies import POLICIES
 from .prefix_store import PrefixStore
-from .tasks import answer_from_canvas
 
 EVAL_POLICIES = ("none", "naive_prefix", "bicache", "fastdllm_dual", "bicache_dual",
                  "fastdllm_prefix", "dkv_decode", "dkv_greedy", "dkv_prefill", "dkv_pd")
@@ -47,11 +53,41 @@ def _bucket(ratio: int) -> str:
     raise ValueError(ratio)
 
 
+def _answer(canvas, eos: int | None) -> tuple[int, ...]:
+    """The canvas up to (excluding) its first `eos`; the whole canvas when eos is None."""
+    ids = [int(i) for i in canvas]
+    return tuple(ids[:ids.index(eos)] if eos in ids else ids)
+
+
+def encode_instances(instances, tokenizer=None) -> tuple[list[Prompt], list[tuple], int | None]:
+    """(prompts, answer ids, eos id) of `instances`: the suite's own ids (tokenizer None),
+    or their texts rendered through a model's own tokenizer (answers end at its EOS)."""
+    if tokenizer is None:
+        return ([Prompt(prompt=i.prompt_ids, prefix=i.prefix_ids) for i in instances],
+                [tuple(i.answer_ids) for i in instances], tasks.EOS_ID)
+    prompts = [Prompt(prompt=tokenizer.encode(i.prompt_text),
+                      prefix=tokenizer.encode(i.prefix_text)) for i in instances]
+    answers = [tuple(tokenizer.encode(i.answer_text)) for i in instances]
+    return prompts, answers, tokenizer.eos_token_id
+
+
 def run_eval(params, config, instances, settings: EvalSettings, depth_table,
-             policies=EVAL_POLICIES, progress=print) -> dict:
-    """Serve `instances` with every policy; returns the JSON-ready result."""
-    prompts = [Prompt(prompt=i.prompt_ids, prefix=i.prefix_ids) for i in instances]
-    ratios = [prefix_ratio(len(i.prefix_ids), len(i.prompt_ids), 0) for i in instances]
+             policies=EVAL_POLICIES, progress=print, tokenizer=None) -> dict:
+    """Serve `instances` with every policy; returns the JSON-ready result.
+
+    `tokenizer`: render the instances' texts through the model's own tokenizer (a model
+    not trained on the suite's vocabulary); None uses the suite's ids. An answer is
+    exact when the canvas up to the first EOS equals it (no EOS known: when the canvas
+    starts with it).
+    """
+    prompts, answers, eos = encode_instances(instances, tokenizer)
+    ratios = [prefix_ratio(len(p.prefix), len(p.prompt), 0) for p in prompts]
+
+    def correct(canvas, answer):
+        if eos is None:
+            return tuple(int(i) for i in canvas[:len(answer)]) == answer
+        return _answer(canvas, eos) == answer
+
     kw = dict(config=config, gen_length=settings.gen_length, steps=settings.steps,
               block_length=settings.block_length)
     outputs, per_policy = {}, {}
@@ -70,14 +106,13 @@ def run_eval(params, config, instances, settings: EvalSettings, depth_table,
                 compile_s += dt
             else:
                 seconds += dt
-            store = out.cache if out.cache is not None else store
+            store = out.cache
             tokens.append(out.tokens)
         tokens = np.concatenate(tokens)
         outputs[policy] = tokens
-        correct = [answer_from_canvas(t) == tuple(i.answer_ids)
-                   for t, i in zip(tokens, instances, strict=True)]
+        hits = [correct(t, a) for t, a in zip(tokens, answers, strict=True)]
         per_policy[policy] = {
-            "accuracy": float(np.mean(correct)), "correct": correct,
+            "accuracy": float(np.mean(hits)), "correct": hits,
             "tokens_per_s": (len(prompts) * settings.gen_length / seconds) if seconds else None,
             "compile_and_first_batch_s": compile_s,
         }
@@ -99,10 +134,10 @@ def run_eval(params, config, instances, settings: EvalSettings, depth_table,
                 row["by_ratio"][b] = float(np.mean(corr[sel]))
                 row["n_by_ratio"][b] = int(sel.sum())
         if ref_correct is not None:
-            ref_answers = [answer_from_canvas(t) for t in outputs["none"]]
-            answers = [answer_from_canvas(t) for t in outputs[policy]]
+            ref_answers = [_answer(t, eos) for t in outputs["none"]]
+            got = [_answer(t, eos) for t in outputs[policy]]
             row["answer_agreement_with_none"] = float(np.mean(
-                [a == r for a, r in zip(answers, ref_answers, strict=True)]))
+                [a == r for a, r in zip(got, ref_answers, strict=True)]))
             row["token_agreement_with_none"] = float(np.mean(outputs[policy]
                                                              == outputs["none"]))
         rows.append(row)
@@ -150,23 +185,52 @@ def plot(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+def _suite_for(model_dir: Path, has_tokenizer: bool) -> tuple[EvalSettings, tuple, bool]:
+    """(settings, context range, whether to render through the model's tokenizer): the
+    trainer's `train_config.json` when the project's trainer made the model (the suite's
+    own ids), else the suite's defaults rendered through the model's tokenizer."""
+    meta_path = model_dir / "train_config.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        g = meta["gen_length"]
+        return (EvalSettings(gen_length=g, steps=g, block_length=meta.get("block_length", g)),
+                (meta.get("context_min", tasks.DEFAULT_CONTEXT[0]),
+                 meta.get("context_max", tasks.DEFAULT_CONTEXT[1])), False)
+    if not has_tokenizer:
+        raise ValueError(f"{model_dir}: evaluation needs either a model made by "
+                         f"`bicache-jax train` (train_config.json) or a tokenizer.json "
+                         f"beside the model to render the task suite as text")
+    g = tasks.GEN_LENGTH
+    return EvalSettings(gen_length=g, steps=g, block_length=g), tasks.DEFAULT_CONTEXT, True
+
+
 def evaluate_policies(model=None, n_per_family: int = 20, policies=EVAL_POLICIES,
                       write: bool = True, out: str | None = None) -> int:
-    """Load the model (default: the shipped one), evaluate, print the table."""
-    from . import tasks
-    from .cli import DEFAULT_MODEL, _load_model
+    """Load the model (default: the shipped one; any checkpoint or HF folder), evaluate,
+    print the table. Raises ValueError, before any work, for a model it cannot evaluate."""
+    from .checkpoint import DEFAULT_MODEL, load_model
 
-    params, config, table, _ = _load_model(model)
     model_dir = Path(model) if model else DEFAULT_MODEL
-    meta = json.loads((model_dir / "train_config.json").read_text())
-    settings = EvalSettings(gen_length=meta["gen_length"], steps=meta["gen_length"],
-                            block_length=meta.get("block_length", meta["gen_length"]))
-    context = (meta.get("context_min", tasks.DEFAULT_CONTEXT[0]),
-               meta.get("context_max", tasks.DEFAULT_CONTEXT[1]))
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"no model at {model_dir}")
+    # Before loading (minutes for an 8B model): refuse a model this cannot evaluate.
+    settings, context, use_tokenizer = _suite_for(model_dir,
+                                                  (model_dir / "tokenizer.json").is_file())
+    params, config, table, tokenizer = load_model(model)
+    render = tokenizer if use_tokenizer else None
     instances = tasks.eval_instances(n_per_family, questions_per_prefix=4, context=context)
+    if render is not None:  # a foreign tokenizer may need more tokens: drop what cannot fit
+        prompts, _, _ = encode_instances(instances, render)
+        fits = [len(p.prefix) + len(p.prompt) + settings.gen_length <= config.max_seq_len
+                for p in prompts]
+        instances = [i for i, ok in zip(instances, fits, strict=True) if ok]
+        if not instances:
+            raise ValueError(f"no task instance fits the model's max_seq_len "
+                             f"{config.max_seq_len} through its tokenizer")
     print(f"evaluating {len(instances)} held-out instances ({n_per_family} per family) "
-          f"with {len(policies)} policies; r -> b table {table}")
-    result = run_eval(params, config, instances, settings, table, policies)
+          f"with {len(policies)} policies; r -> b table {table}"
+          + ("; rendered through the model's tokenizer" if render is not None else ""))
+    result = run_eval(params, config, instances, settings, table, policies, tokenizer=render)
     print()
     print(markdown_table(result))
     if write:
@@ -178,17 +242,21 @@ def evaluate_policies(model=None, n_per_family: int = 20, policies=EVAL_POLICIES
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `bicache-jax eval` argument parser."""
     ap = argparse.ArgumentParser(prog="bicache-jax eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint (default: the shipped model)")
-    ap.add_argument("--n-per-family", type=int, default=40)
-    ap.add_argument("--policies", default=",".join(EVAL_POLICIES))
-    ap.add_argument("--out", help="result JSON (default benchmarks/results/"
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--model", help="checkpoint or HF folder (None: the shipped model); "
+                                    "without train_config.json it needs a tokenizer.json")
+    ap.add_argument("--n-per-family", type=int_in(1), default=40,
+                    help="held-out instances per task family")
+    ap.add_argument("--policies", type=choice_list(POLICIES, "policy"),
+                    default=",".join(EVAL_POLICIES), help="comma-separated policies")
+    ap.add_argument("--out", help="result JSON (None: benchmarks/results/"
                                   "eval_default_model.json)")
-    args = ap.parse_args(argv)
-    policies = tuple(args.policies.split(","))
-    for p in policies:
-        if p not in POLICIES:
-            ap.error(f"unknown policy {p!r}; known: {sorted(POLICIES)}")
-    return evaluate_policies(args.model, args.n_per_family, policies, out=args.out)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return evaluate_policies(args.model, args.n_per_family, args.policies, out=args.out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -22,25 +22,50 @@ import numpy as np
 
 from . import denoise
 from .config import ModelConfig
+from .convert.key_maps import check_params
 from .denoise import DenoiseLoop, Inputs, PrefixInputs, compile_count, greedy_window
+from .mesh import shard_inputs
 from .model import encode_prefix
-from .policies import get_policy
+from .policies import POLICIES, Policy, get_policy
 from .prefix_store import PrefixStore, StoredPrefix
 from .sampling import SamplerConfig
 
 PAD_MULTIPLE = 16  # prompt and prefix lengths are padded to multiples of this (fewer compiles)
 
 
+def _token_ids(value, field: str) -> tuple[int, ...]:
+    """`value` (a flat sequence of integer ids) as a tuple of ints; a one-line ValueError
+    naming `Prompt.<field>` otherwise (float ids are refused, never truncated)."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"Prompt.{field} must be token ids, got text (tokenize it first: "
+                         f"bicache_jax.Tokenizer)")
+    try:
+        ids = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"Prompt.{field} must be a flat sequence of token ids: {e}") from None
+    if ids.ndim != 1:
+        raise ValueError(f"Prompt.{field} must be a flat sequence of token ids, got shape "
+                         f"{list(ids.shape)}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):  # bool is not an integer here
+        raise ValueError(f"Prompt.{field} must hold integer token ids, got dtype {ids.dtype} "
+                         f"({ids.tolist()[:4]}...)")
+    return tuple(int(i) for i in ids)
+
+
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """One request: its own prompt ids and the shared prefix ids (may be empty)."""
+    """One request: its own prompt ids and the shared prefix ids (may be empty).
+
+    Both are flat sequences of integer token ids (lists, tuples, 1-D integer arrays);
+    anything else raises ValueError naming the field.
+    """
 
     prompt: tuple[int, ...]
     prefix: tuple[int, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "prompt", tuple(int(i) for i in self.prompt))
-        object.__setattr__(self, "prefix", tuple(int(i) for i in self.prefix))
+        object.__setattr__(self, "prompt", _token_ids(self.prompt, "prompt"))
+        object.__setattr__(self, "prefix", _token_ids(self.prefix, "prefix"))
 
 
 @dataclasses.dataclass
@@ -58,7 +83,9 @@ class GenerateOutput:
              `store_rows_computed`, `seconds`, `compiles`, `prefix_cache_bytes`: the
              batch's prefix KV on the device — each distinct prefix's store entry once,
              plus the per-request deep KV that BiCache's refreshes keep).
-    cache:   the updated prefix store (None for policies that do not use one).
+    cache:   the prefix store: the updated one for the store policies, the `cache`
+             argument unchanged for the others (None when none was passed), so
+             `store = out.cache` keeps the store across calls of any policy.
     """
 
     tokens: np.ndarray
@@ -86,29 +113,71 @@ def prefix_ratio(p: int, u: int, g: int, count_canvas: bool = True) -> int:
     return int(round(100 * p / denom)) if denom else 0
 
 
-def _as_prompt(item) -> Prompt:
-    if isinstance(item, Prompt):
-        return item
-    if isinstance(item, (str, bytes)):
-        raise ValueError("prompts must be token ids (use bicache_jax.tokenizer for text)")
-    return Prompt(prompt=tuple(item))
+def _as_prompts(prompts) -> list[Prompt]:
+    """`generate`'s `prompts` as a list of `Prompt`s, or a one-line error naming it."""
+    if isinstance(prompts, (Prompt, str, bytes, Mapping)) or not isinstance(prompts, Iterable):
+        raise TypeError(f"prompts must be a list of requests (each a Prompt or a sequence "
+                        f"of token ids), got {type(prompts).__name__}")
+    out = []
+    for i, item in enumerate(prompts):
+        if isinstance(item, Prompt):
+            out.append(item)
+            continue
+        if isinstance(item, (int, np.integer)):
+            raise ValueError("prompts must be a list of requests, got a flat list of token "
+                             "ids: wrap one request as [ids] or [Prompt(prompt=ids)]")
+        try:
+            out.append(Prompt(prompt=item))
+        except ValueError as e:
+            raise ValueError(f"prompts[{i}]: {e}") from None
+    return out
+
+
+def _check_call(params, config, cache, key) -> None:
+    """The arguments `_validate` does not see (the engine checks requests without them)."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    check_params(params, config, "params")  # e.g. LLaDA params with a Dream config
+    if cache is not None and not isinstance(cache, PrefixStore):
+        raise TypeError(f"cache must be a PrefixStore or None, got {type(cache).__name__}")
+    typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    legacy = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
+    if not (typed and key.shape == ()) and not legacy:
+        raise TypeError(f"key must be one PRNG key, e.g. jax.random.key(0), got "
+                        f"{type(key).__name__} {getattr(key, 'shape', '')}".rstrip())
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_policy_settings(policy: Policy, reuse_depth: int | None,
+                          refresh_interval: int | None, window_size: int | None) -> None:
+    """Raise ValueError when a setting is given (not None) to a policy that does not use
+    it: `reuse_depth` (BiCache's b), `refresh_interval` (BiCache, dKV-Cache but Prefill),
+    `window_size` (dKV-Cache-Greedy)."""
+    for name, value, applies in (
+            ("reuse_depth", reuse_depth, lambda p: p.takes_reuse_depth),
+            ("refresh_interval", refresh_interval, lambda p: p.takes_refresh_interval),
+            ("window_size", window_size, lambda p: p.fixed_order)):
+        if value is not None and not applies(policy):
+            users = ", ".join(n for n, p in POLICIES.items() if applies(p))
+            raise ValueError(f"{name} is a setting of {users}; policy {policy.name!r} does "
+                             f"not use it")
+
+
 def _validate(config, prompts, gen_length, steps, block_length, policy, sampler,
               refresh_interval, reuse_depth, window_size):
-    if gen_length <= 0:
-        raise ValueError(f"gen_length must be positive, got {gen_length}")
-    if steps <= 0:
-        raise ValueError(f"steps must be positive, got {steps}")
-    if block_length <= 0:
-        raise ValueError(f"block_length must be positive, got {block_length}")
+    """Everything `generate` checks from its settings and prompts (the engine calls this
+    on each request). `refresh_interval` is the caller's value (None: the default)."""
+    if not isinstance(sampler, SamplerConfig):
+        raise TypeError(f"sampler must be a SamplerConfig, got {type(sampler).__name__}")
+    _check_int("gen_length", gen_length, minimum=1)
+    _check_int("steps", steps, minimum=1)
+    _check_int("block_length", block_length, minimum=1)
     if gen_length % block_length:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length "
                          f"({block_length})")
@@ -116,9 +185,13 @@ def _validate(config, prompts, gen_length, steps, block_length, policy, sampler,
     if steps % num_blocks:
         raise ValueError(f"steps ({steps}) must be divisible by the number of blocks "
                          f"({num_blocks} = gen_length / block_length)")
-    _check_int("refresh_interval", refresh_interval, minimum=1)
-    if reuse_depth is not None and not 0 <= reuse_depth <= config.n_layers:
-        raise ValueError(f"reuse_depth must be in 0..{config.n_layers}, got {reuse_depth}")
+    check_policy_settings(policy, reuse_depth, refresh_interval, window_size)
+    if refresh_interval is not None:
+        _check_int("refresh_interval", refresh_interval, minimum=1)
+    if reuse_depth is not None:
+        _check_int("reuse_depth", reuse_depth, minimum=0)
+        if reuse_depth > config.n_layers:
+            raise ValueError(f"reuse_depth must be in 0..{config.n_layers}, got {reuse_depth}")
     if sampler.cfg_scale > 0 and policy.name != "none":
         raise ValueError("cfg_scale > 0 is supported with policy='none' only")
     if policy.fixed_order and sampler.remasking != "random":
@@ -126,23 +199,19 @@ def _validate(config, prompts, gen_length, steps, block_length, policy, sampler,
                          f"SamplerConfig(remasking='random'), got {sampler.remasking!r} (the "
                          f"public dKV-Cache-Greedy has no confidence-based remasking)")
     if window_size is not None:
-        if not policy.fixed_order:
-            raise ValueError(f"window_size is a dkv_greedy setting; policy {policy.name!r} "
-                             f"does not take one")
         _check_int("window_size", window_size, minimum=0)
     if not prompts:
         raise ValueError("prompts is empty")
+    if policy.uses_store and not any(p.prefix for p in prompts):
+        raise ValueError(f"policy {policy.name!r} serves a shared prefix from the prefix "
+                         f"store, but no request has one: give requests as "
+                         f"Prompt(prefix=..., prompt=...) (or use policy='none')")
     for i, p in enumerate(prompts):
         if not p.prompt:
             raise ValueError(f"prompts[{i}]: the prompt is empty (every request needs at "
                              f"least one prompt token)")
-        ids = np.asarray(p.prefix + p.prompt)
-        if ids.min() < 0 or ids.max() >= config.vocab_size:
-            raise ValueError(f"prompts[{i}]: token ids must be in [0, {config.vocab_size})")
-        if np.any(ids == config.mask_token_id):
-            raise ValueError(f"prompts[{i}]: contains the mask token id "
-                             f"{config.mask_token_id}")
-        total = len(ids) + gen_length
+        config.check_ids(p.prefix + p.prompt, f"prompts[{i}]")
+        total = len(p.prefix) + len(p.prompt) + gen_length
         if total > config.max_seq_len:
             raise ValueError(f"prompts[{i}]: prompt + gen_length = {total} exceeds the "
                              f"model's max_seq_len {config.max_seq_len}")
@@ -279,23 +348,28 @@ def generate(
 
     Args:
       params: the model params pytree.
-      prompts: B requests, each a `Prompt(prompt=ids, prefix=ids)` or a plain id sequence
-        (no shared prefix). Lengths may differ; padding is exact.
-      cache: the prefix store for the BiCache-family policies (`naive_prefix`, `bicache`,
-        `bicache_dual`); None starts an empty one. Ignored by the other policies.
+      prompts: a list of B requests, each a `Prompt(prompt=ids, prefix=ids)` or a plain
+        id sequence (no shared prefix); ids are integers. Lengths may differ; padding is
+        exact. The store policies (`naive_prefix`, `bicache`, `bicache_dual`) need a
+        prefix on at least one request; a request without one runs uncached (its
+        `stats["reuse_depth"]` is 0).
+      cache: the `PrefixStore` of the store policies; None starts an empty one. The other
+        policies leave it untouched and return it as `out.cache`.
       config: the model's `ModelConfig`.
       gen_length, steps, block_length: the canvas length, the total number of denoising
         steps, and the semi-autoregressive block length (default: one block).
       policy: one of `policies.POLICIES`.
       sampler: token choice and remasking (`SamplerConfig`; default LLaDA low-confidence,
         or `random` for `dkv_greedy`).
-      key: PRNG key (default `jax.random.key(0)`).
-      reuse_depth: BiCache's b for the whole batch; default: the store's `r -> b` table
-        at each request's prefix ratio, and the smallest depth of the batch.
+      key: one PRNG key, `jax.random.key(seed)` (default `jax.random.key(0)`).
+      reuse_depth: BiCache's b for the whole batch (`bicache`, `bicache_dual` only);
+        default: the store's `r -> b` table at each request's prefix ratio, and the
+        smallest depth of the batch's requests with a prefix.
       refresh_interval: N, steps between deep-prefix refreshes (BiCache, default 16) or
         between full forwards (dKV-Cache: the public `cache_reloading_step` /
         `cache_steps`; default 8 for `dkv_decode` and `dkv_pd`, 2 for `dkv_greedy`;
-        `dkv_prefill` never refreshes). Traced: changing it does not recompile.
+        `dkv_prefill` never refreshes and takes none). Traced: changing it does not
+        recompile.
       ratio_counts_canvas: count the canvas in the prefix ratio (as the official code).
       window_size: `dkv_greedy` only (default 0): how many still-masked neighbours of each
         position decoded next are recomputed with it. Traced.
@@ -314,18 +388,23 @@ def generate(
         official BiCache + Fast-dLLM schedule, `bicache_dual`'s default: one more forward
         per block). None keeps the policy's default.
       mesh: a ("data", "model") mesh (`sharding.make_mesh`): the loop's batch inputs are
-        placed with the batch on "data" (`sharding.shard_inputs`; a batch that is not a
+        placed with the batch on "data" (`mesh.shard_inputs`; a batch that is not a
         multiple of the data axis stays replicated) and jit propagates the shardings.
         Give params placed with `sharding.shard_params`; `sharding.generate_sharded` pads
         the batch and calls this.
 
     Returns:
-      `GenerateOutput` (tokens [B, gen_length], nfe [B], stats, updated store).
+      `GenerateOutput` (tokens [B, gen_length], nfe [B], stats, the store).
 
     Raises:
-      ValueError: on bad input (shapes, ids, lengths, unknown policy, a setting the policy
-        does not take, `dkv_greedy` without random remasking, a `decode_order` that is not
-        a permutation of each block).
+      ValueError: on bad input, naming the argument: shapes, non-integer or out-of-range
+        ids, non-integer lengths, unknown policy, a setting (`reuse_depth`,
+        `refresh_interval`, `window_size`, `decode_on_block_start`) given to a policy
+        that does not use it, a store policy with no prefix in the batch, params that
+        do not match `config`, `dkv_greedy` without random remasking, a `decode_order`
+        that is not a permutation of each block.
+      TypeError: `prompts` not a list, `cache` not a `PrefixStore`, `key` not one PRNG
+        key, `config` not a `ModelConfig`, `sampler` not a `SamplerConfig`.
     """
     call = _prepare(params, prompts, cache, config=config, gen_length=gen_length, steps=steps,
                     block_length=block_length, policy=policy, sampler=sampler, key=key,
@@ -396,12 +475,13 @@ def _prepare(params, prompts, cache, *, config, gen_length=32, steps=None, block
                                        else "low_confidence")
     steps = gen_length if steps is None else steps
     block_length = gen_length if block_length is None else block_length
-    refresh_interval = (pol.default_refresh_interval if refresh_interval is None
-                        else refresh_interval)
     key = jax.random.key(0) if key is None else key
-    prompts = [_as_prompt(p) for p in prompts]
+    _check_call(params, config, cache, key)
+    prompts = _as_prompts(prompts)
     _validate(config, prompts, gen_length, steps, block_length, pol, sampler,
               refresh_interval, reuse_depth, window_size)
+    refresh_interval = (pol.default_refresh_interval if refresh_interval is None
+                        else refresh_interval)
     L, batch = config.n_layers, len(prompts)
     fixed_order = pol.fixed_order or decode_order is not None
     order = None
@@ -422,25 +502,28 @@ def _prepare(params, prompts, cache, *, config, gen_length=32, steps=None, block
     p_lens = np.array([len(x) for x in prefixes], np.int32)
     u_lens = np.array([len(x) for x in owns], np.int32)
 
-    store, store_rows, depths = None, 0, np.zeros(batch, np.int32)
+    # The store policies: requests without a prefix run uncached, at depth 0 in the stats,
+    # and do not lower the batch's depth (validated: at least one request has a prefix).
+    store, store_rows, depths, batch_depth = cache, 0, np.zeros(batch, np.int32), 0
     prefix = None
     if pol.uses_store:
         store = cache if cache is not None else PrefixStore()
         store, entries, store_rows = _fill_store(params, config, store, prefixes)
+        cached = p_lens > 0
         if pol.refreshes:
             if reuse_depth is None and store.depth_table is None:
                 raise ValueError(f"policy {policy!r} needs a reuse depth: pass reuse_depth= "
-                                 f"or a store with a profiler depth_table")
-            for i in range(batch):
+                                 f"or a store with a profiler depth_table (bicache-jax "
+                                 f"profile)")
+            for i in np.flatnonzero(cached):
                 r = prefix_ratio(p_lens[i], u_lens[i], gen_length, ratio_counts_canvas)
                 depths[i] = (reuse_depth if reuse_depth is not None
                              else min(lookup_depth(store.depth_table, r), L))
         else:
-            depths[:] = L
-        if p_lens.max() > 0:
-            prefix = PrefixInputs(*_batch_prefix(entries, prefixes, int(depths.min()), config,
-                                                 params["embed"].dtype), jnp.asarray(p_lens))
-    batch_depth = int(depths.min()) if pol.uses_store else 0
+            depths[cached] = L
+        batch_depth = int(depths[cached].min())
+        prefix = PrefixInputs(*_batch_prefix(entries, prefixes, batch_depth, config,
+                                             params["embed"].dtype), jnp.asarray(p_lens))
 
     u_max = _round_up(int(u_lens.max()), PAD_MULTIPLE)
     own = np.zeros((batch, gen_length + u_max), np.int32)
@@ -456,9 +539,7 @@ def _prepare(params, prompts, cache, *, config, gen_length=32, steps=None, block
                        row_buckets=_row_buckets(gen_length + int(config.logits_shift)),
                        fixed_order=fixed_order)
     arrays = (jnp.asarray(own), jnp.asarray(pos), jnp.asarray(gen_length + u_lens))
-    if mesh is not None:  # the batch on "data", prefix KV heads on "model" (sharding.py)
-        from .sharding import shard_inputs
-
+    if mesh is not None:  # the batch on "data", prefix KV heads on "model" (mesh.py)
         *arrays, pk, pv, pi, ph, pl = shard_inputs(
             mesh, config, *arrays, *(prefix if prefix is not None else (None,) * 5))
         prefix = None if prefix is None else PrefixInputs(pk, pv, pi, ph, pl)

@@ -99,6 +99,17 @@ class Policy:
             raise ValueError(f"dkv must be one of {DKV_VARIANTS} or None, got {self.dkv!r}")
 
     @property
+    def takes_reuse_depth(self) -> bool:
+        """BiCache's depth b applies: the policies that refresh the deep prefix KV."""
+        return self.refreshes
+
+    @property
+    def takes_refresh_interval(self) -> bool:
+        """N applies: BiCache's deep-prefix refresh or dKV-Cache's full forwards
+        (`dkv_prefill` never refreshes)."""
+        return self.refreshes or self.dkv in ("decode", "greedy", "pd")
+
+    @property
     def fixed_order(self) -> bool:
         """Decodes each block in a fixed order drawn once per block (dKV-Cache-Greedy)."""
         return self.dkv == "greedy"

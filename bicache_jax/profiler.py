@@ -158,9 +158,11 @@ def profile(params, config: ModelConfig, pairs: Iterable[tuple[Sequence[int], Se
         raise ValueError("profile() needs at least one (prefix, prompt) sample")
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
-    for prefix, prompt in tqdm(pairs, desc="profiling", unit="sample", disable=not progress):
+    for k, (prefix, prompt) in enumerate(pairs):  # all checks before the first forward
         if not prefix or not prompt:
-            raise ValueError("every sample needs a non-empty prefix and prompt")
+            raise ValueError(f"sample {k + 1}: needs a non-empty prefix and prompt")
+        config.check_ids(list(prefix) + list(prompt), f"sample {k + 1}")  # as generate
+    for prefix, prompt in tqdm(pairs, desc="profiling", unit="sample", disable=not progress):
         if len(prefix) + len(prompt) > config.max_seq_len:
             raise ValueError(f"sample of {len(prefix) + len(prompt)} tokens exceeds "
                              f"max_seq_len {config.max_seq_len}")

@@ -344,7 +344,8 @@ class Engine:
                              "batch grouping key)") from e
         _check_settings(self.config, Prompt(prompt=prompt, prefix=prefix),
                         dict(gen_length=gen_length, steps=steps, block_length=block_length,
-                             policy=policy, sampler=sampler, refresh_interval=refresh,
+                             policy=policy, sampler=sampler,
+                             refresh_interval=req.refresh_interval,
                              reuse_depth=req.reuse_depth, **extra))
         depth = None
         if policy.uses_store:
@@ -395,7 +396,7 @@ class Engine:
         kwargs = dict(config=self.config, gen_length=first.request.gen_length,
                       steps=first.steps, block_length=first.block_length, policy=pol.name,
                       sampler=first.sampler, key=key, reuse_depth=first.depth,
-                      refresh_interval=first.refresh_interval,
+                      refresh_interval=first.request.refresh_interval,  # None: default
                       ratio_counts_canvas=self.ratio_counts_canvas, **first.extra)
         cache = self.store if pol.uses_store else None
         before = compile_count()

@@ -85,6 +85,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from . import tasks
+from .cli_args import HelpFormatter
 from .config import ModelConfig
 from .model import forward, init_params
 
@@ -699,18 +700,18 @@ def build_parser() -> argparse.ArgumentParser:
     """The `train_main` argument parser (every `TrainConfig` field is a flag)."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m bicache_jax.train",
+        prog="python -m bicache_jax.train", formatter_class=HelpFormatter,
         description="Train a small LLaDA-layout DLM on the shared-prefix task suite.")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs)")
     p.add_argument("--export", default=None,
                    help="where to write the final model folder (default <out>/model)")
-    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint every N steps")
     p.add_argument("--eval-every", type=int, default=500,
                    help="held-out accuracy every N steps (0: never)")
     p.add_argument("--eval-n", type=int, default=32, help="monitor instances per family")
     p.add_argument("--profile-n", type=int, default=100,
                    help="profiler pairs per family for the exported r -> b table (0: none)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
@@ -719,21 +720,22 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"comma-separated subset of {tasks.FAMILIES}")
         elif isinstance(default, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"),
-                           default=default, help=f"(default {default})")
+                           default=default, help="TrainConfig field (true/false)")
         else:
             p.add_argument(flag, type=type(default), default=default,
-                           help=f"(default {default})")
+                           help="TrainConfig field")
     return p
 
 
 def train_main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry: parse `argv` and run `train` (see `--help`)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     values["families"] = tuple(s for s in args.families.split(",") if s)
     unknown = set(values["families"]) - set(tasks.FAMILIES)
     if unknown:
-        raise SystemExit(f"unknown families {sorted(unknown)}; known: {tasks.FAMILIES}")
+        parser.error(f"--families: unknown {sorted(unknown)}; known: {tasks.FAMILIES}")
     tc = TrainConfig(**values)
     config = tc.model_config()
     print(f"model: {config.param_count() / 1e6:.2f}M params, max_seq_len "

@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 
 from ..config import ModelConfig
 
@@ -80,6 +84,39 @@ def param_shapes(config: ModelConfig) -> dict[ParamPath, tuple[int, ...]]:
         shapes[("layers", "bk")] = (L, c.kv_dim)
         shapes[("layers", "bv")] = (L, c.kv_dim)
     return shapes
+
+
+def flatten_params(tree: Any, prefix: ParamPath = ()) -> dict[ParamPath, Any]:
+    """Leaves of a nested-dict params tree by path."""
+    if isinstance(tree, Mapping):  # dicts, and flax's FrozenDict
+        out: dict[ParamPath, Any] = {}
+        for key, value in tree.items():
+            out |= flatten_params(value, (*prefix, str(key)))
+        return out
+    return {prefix: tree}
+
+
+def check_params(params: Any, config: ModelConfig, where: str) -> None:
+    """Raise `ValueError` unless `params` has exactly the arrays and shapes of `config`."""
+    want = param_shapes(config)
+    have = flatten_params(params)
+    problems = []
+    missing = sorted("/".join(p) for p in want if p not in have)
+    extra = sorted("/".join(p) for p in have if p not in want)
+    if missing:
+        problems.append(f"missing arrays {missing}")
+    if extra:
+        problems.append(f"unexpected arrays {extra}")
+    for path, shape in want.items():
+        if path in have and _shape(have[path]) != shape:
+            problems.append(f"{'/'.join(path)} has shape {list(_shape(have[path]))}, the "
+                            f"config wants {list(shape)}")
+    if problems:
+        raise ValueError(f"{where}: params do not match the config: " + "; ".join(problems))
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
 
 # Per-layer entries: (HF name inside the block, our name, transpose).

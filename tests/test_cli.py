@@ -59,4 +59,4 @@ def test_bad_policy_is_a_clear_error(tmp_path):
     hf, _, _ = llada_folder(tmp_path / "hf")
     proc = subprocess.run([*CLI, "generate", "--model", str(hf), "--prompt-ids", "1 2 3",
                            "--policy", "nope"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "unknown policy" in proc.stderr
+    assert proc.returncode == 2 and "argument --policy: invalid choice: 'nope'" in proc.stderr

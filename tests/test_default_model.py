@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bicache_jax import checkpoint, tasks
-from bicache_jax.cli import DEFAULT_MODEL
+from bicache_jax.checkpoint import DEFAULT_MODEL
 from bicache_jax.train import TrainConfig, evaluate, init_state, make_train_step, train_batch
 
 # Issue 6: no trained model reaches the accuracy bar yet, so none ships; these tests run as

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from numpy_reference import numpy_forward_kv, sharp_params
 
-from bicache_jax import Prompt, SamplerConfig, compile_count, generate
+from bicache_jax import POLICIES, Prompt, SamplerConfig, compile_count, generate
 from bicache_jax import config as C
 from bicache_jax.generate import greedy_window
 
@@ -180,7 +180,9 @@ def _check_against_reference(model, policy, block_length, sampler, n, window=Non
     cfg = model[0]
     gen, steps, _ = SHAPES[cfg.layout]
     kw = {} if window is None else dict(window_size=window)
-    out = _run(model, policy, block_length, sampler, refresh_interval=n, **kw)
+    if POLICIES[policy].takes_refresh_interval:  # dkv_prefill never refreshes: it takes no N
+        kw["refresh_interval"] = n
+    out = _run(model, policy, block_length, sampler, **kw)
     assert not np.any(out.tokens == cfg.mask_token_id)
     order = out.stats.get("decode_order")
     for r, p in enumerate(_prompts(cfg)):
@@ -339,7 +341,8 @@ def test_rows_per_forward_follow_the_spec_examples(models):
             ("dkv_decode", [44, 25, 23, 21, 44, 17, 15, 13, 44, 9, 7, 5]),
             ("dkv_pd", [44, 25, 23, 21, 25, 17, 15, 13, 25, 9, 7, 5]),
             ("dkv_prefill", [44] + [25] * 11)]:
-        out = _run(models["dream"], policy, 24, MASKGIT, refresh_interval=4)
+        out = _run(models["dream"], policy, 24, MASKGIT,
+                   refresh_interval=None if policy == "dkv_prefill" else 4)
         rows = _token_rows(out, cfg)
         assert rows[0] == want, policy
         assert rows[1] == [37 if r == 44 else r for r in want], policy
@@ -370,7 +373,7 @@ def test_repeated_calls_do_not_recompile(models):
     ("dkv_greedy", LOW_CONF, {}, "remasking='random'"),
     ("dkv_greedy", RANDOM, dict(window_size=-1), "window_size must be >= 0"),
     ("dkv_greedy", RANDOM, dict(window_size=1.5), "window_size must be an integer"),
-    ("dkv_decode", LOW_CONF, dict(window_size=2), "window_size is a dkv_greedy setting"),
+    ("dkv_decode", LOW_CONF, dict(window_size=2), "window_size is a setting of dkv_greedy"),
     ("dkv_greedy", RANDOM, dict(refresh_interval=0), "refresh_interval must be >= 1"),
     ("dkv_decode", LOW_CONF, dict(refresh_interval=-2), "refresh_interval must be >= 1"),
     ("dkv_pd", LOW_CONF, dict(refresh_interval=2.5), "refresh_interval must be an integer"),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numpy_reference import numpy_forward_kv, sharp_params
 
-from bicache_jax import PrefixStore, Prompt, SamplerConfig, compile_count, generate
+from bicache_jax import POLICIES, PrefixStore, Prompt, SamplerConfig, compile_count, generate
 from bicache_jax import config as C
 from bicache_jax.generate import compute_prefix_entry
 
@@ -86,7 +86,14 @@ def test_padded_batch_equals_each_request_alone(models, policy):
     kw = dict(policy=policy, reuse_depth=1 if "bicache" in policy else None)
     batch = _run(model, prompts, **kw)
     for i, p in enumerate(prompts):
-        alone = _run(model, [p], **kw)
+        alone_kw = kw
+        if not p.prefix and POLICIES[policy].uses_store:
+            # A store policy refuses a batch without any prefix; in a mixed batch such a
+            # request runs uncached: as `none`, or bicache_dual as its dual block cache
+            # without the store (the official schedule: the block start does not decode).
+            alone_kw = (dict(policy="fastdllm_dual", decode_on_block_start=False)
+                        if POLICIES[policy].block_cache else dict(policy="none"))
+        alone = _run(model, [p], **alone_kw)
         np.testing.assert_array_equal(batch.tokens[i], alone.tokens[0])
         np.testing.assert_array_equal(batch.stats["rows_computed"][i],
                                       alone.stats["rows_computed"][0])
@@ -151,19 +158,19 @@ def test_depth_from_table_and_batch_uses_smallest(models):
     assert out.stats["batch_reuse_depth"] == 0
 
 
-def test_empty_prefix_runs_without_cache(models):
+def test_request_without_prefix_runs_uncached_in_a_mixed_batch(models):
     model = models["llada_mha"]
-    p = _requests(model[0])[2]
-    out = _run(model, [p], policy="bicache", reuse_depth=2)
+    with_prefix, _, p = _requests(model[0])
+    out = _run(model, [with_prefix, p], policy="bicache", reuse_depth=2)
     none = _run(model, [p], policy="none")
-    np.testing.assert_array_equal(out.tokens, none.tokens)
-    assert len(out.cache) == 0
+    np.testing.assert_array_equal(out.tokens[1], none.tokens[0])
+    assert len(out.cache) == 1 and out.stats["reuse_depth"].tolist() == [2, 0]
 
 
 def test_savings_are_reported_in_rows(models):
     model = models["llada_mha"]
     prompts = _requests(model[0])[:2]
-    rows = {pol: _run(model, prompts, policy=pol, reuse_depth=1,
+    rows = {pol: _run(model, prompts, policy=pol, reuse_depth=1 if pol == "bicache" else None,
                       steps=16).stats["rows_computed"].sum()
             for pol in ["none", "bicache", "naive_prefix", "fastdllm_dual"]}
     assert rows["naive_prefix"] < rows["bicache"] < rows["none"]

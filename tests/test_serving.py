@@ -48,7 +48,7 @@ def tokenizer(tmp_path_factory):
 
 def _traffic(tokenizer, n=200, seed=0):
     """n valid mixed requests: 3 id prefixes (17, 22, 29 tokens; all pad to 32) and a chat
-    system prompt, no prefix now and then; prompts of 2..14 tokens; policies none,
+    system prompt, no prefix now and then (policy none); prompts of 2..14 tokens; policies none,
     naive_prefix, bicache at an explicit depth or at the table's depth."""
     rng = np.random.default_rng(seed)
 
@@ -67,7 +67,9 @@ def _traffic(tokenizer, n=200, seed=0):
             out.append(Request(messages=msgs, tokenizer=tokenizer, policy=policy,
                                reuse_depth=depth, request_id=f"r{i}", **GEN))
             continue
-        prefix = () if i % 23 == 5 else prefixes[int(rng.integers(0, 3))]
+        prefix = prefixes[int(rng.integers(0, 3))]
+        if i % 23 == 5:  # no prefix: the store policies refuse one, so it runs with none
+            prefix, policy, depth = (), "none", None
         out.append(Request(prompt=ids(int(rng.integers(2, 15))), prefix=prefix, policy=policy,
                            reuse_depth=depth, request_id=f"r{i}", **GEN))
     return out
@@ -84,6 +86,8 @@ BAD = [  # (request, expected error fragment)
     (Request(prompt=(), **GEN), "prompt is empty"),
     (Request(prompt=(1, 2), sampler="greedy", **GEN), "SamplerConfig"),
     (Request(prompt=(1, 99), **GEN), "token ids"),
+    (Request(prompt=(1, 2), policy="bicache", reuse_depth=1, **GEN), "Prompt(prefix="),
+    (Request(prompt=(1, 2), refresh_interval=4, **GEN), "refresh_interval is a setting"),
 ]
 
 
@@ -156,7 +160,7 @@ def test_mixed_traffic_equals_each_request_alone(params, tokenizer):
     assert engine.store.stats.evictions > 0
     assert st.cache_hits > 0 and st.cache_misses > 0
     hits = [r.cache_hit for r in ok if requests[r.index].policy != "none"]
-    assert None in hits and True in hits and False in hits
+    assert set(hits) == {True, False}  # every store request has a prefix (none: None)
     assert all(r.cache_hit is None for r in ok if requests[r.index].policy == "none")
     assert json.dumps(engine.summary())
 
