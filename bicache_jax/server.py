@@ -836,7 +836,7 @@ def create_app(model: ServedModel, settings: ServerSettings | None = None):
     return app
 
 
-def _uvicorn_server(app, host: str, port: int, log_level: str):
+def uvicorn_server(app, host: str, port: int, log_level: str):
     """A uvicorn server whose SIGTERM / SIGINT shut it down gracefully and return
     (uvicorn re-raises a captured signal after shutting down, which would make the exit
     status the signal's instead of 0)."""
@@ -863,11 +863,11 @@ def _uvicorn_server(app, host: str, port: int, log_level: str):
 def serve(model: ServedModel, settings: ServerSettings, *, host: str = "127.0.0.1",
           port: int = 8000, log_level: str = "info") -> int:
     """Run the server until SIGTERM / SIGINT; 0 once every open request is answered."""
-    server = _uvicorn_server(create_app(model, settings), host, port, log_level)
+    server = uvicorn_server(create_app(model, settings), host, port, log_level)
     server.run()
     return 0 if server.started else 1
 
 
 __all__ = ["APIError", "App", "Batcher", "FALLBACK_CHAT_TEMPLATE", "ServedModel",
            "ServerSettings", "create_app", "load_served_model", "prometheus_text",
-           "random_model", "serve"]
+           "random_model", "serve", "uvicorn_server"]

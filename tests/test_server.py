@@ -26,9 +26,9 @@ from bicache_jax.generate import Prompt, generate
 from bicache_jax.server import (
     ServerSettings,
     _streaming_available,
-    _uvicorn_server,
     create_app,
     load_served_model,
+    uvicorn_server,
 )
 
 POLICY = "bicache"
@@ -54,7 +54,7 @@ def server(model):
     """(base url, the app's `App`): uvicorn serving the app in a thread."""
     app = create_app(model, SETTINGS)
     sock = _free_socket()
-    srv = _uvicorn_server(app, "127.0.0.1", 0, "warning")
+    srv = uvicorn_server(app, "127.0.0.1", 0, "warning")
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not srv.started:
