@@ -319,3 +319,28 @@ def test_sigterm_drains_the_request_in_flight(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_stop_sequences_truncate_the_text(client):
+    messages = chat("w11 w12")
+    plain = client.post("/v1/chat/completions", json={"messages": messages, **GEN}).json()
+    text = plain["choices"][0]["message"]["content"]
+    words = text.split(" ")
+    assert len(words) >= 2, text
+    stop = " " + words[1]
+    cut = client.post("/v1/chat/completions",
+                      json={"messages": messages, "stop": [stop, "never there"], **GEN}).json()
+    assert cut["choices"][0]["message"]["content"] == text[:text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["bicache"]["tokens"] == plain["bicache"]["tokens"]
+
+
+def test_a_model_without_tokenizer_is_refused_in_one_line(tmp_path):
+    from hf_fixtures import llada_folder
+
+    folder, _, _ = llada_folder(tmp_path / "bare")
+    proc = subprocess.run([sys.executable, "-m", "bicache_jax.cli", "serve", "--model",
+                           str(folder)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tokenizer" in lines[0], proc.stderr
