@@ -12,8 +12,9 @@ multi-turn histories (none with 0) + its own user question, so the shared prefix
 messages but the last) is the system prompt plus the history, and with the defaults it
 is >= 80% of each request's context (prefix / (prefix + question + canvas)).
 
-Before the clock starts, a warm-up round of the same shape with a different system prompt
-compiles the programs the load needs; `compiles_during_load` reports any compiled later.
+Before the clock starts, one burst per batch bucket (same shapes, a different system
+prompt) compiles the programs the load needs; `compiles_during_load` reports any compiled
+later.
 Reported per policy: requests/s, generated tokens/s (canvas tokens), p50 / p99 latency,
 store hit rate (the requests whose prefix was already in the store), the hit rate after
 the first batch, and with `--verify N` whether the first N replies carry exactly the tokens
@@ -130,6 +131,21 @@ async def drive(url: str, chats: list[list[dict]], *, clients: int, duration: fl
     return records, time.perf_counter() - start
 
 
+def warm_up(srv: RunningServer, chats: list[list[dict]], body: dict) -> None:
+    """Compile every batch bucket before the clock starts: one burst per bucket size, with
+    a collection window long enough for each burst to form one batch. The chats have the
+    load's shapes but their own system prompt, so the measured store starts empty."""
+    app = srv.app.state.bicache
+    window = app.batcher.batch_window_s
+    app.batcher.batch_window_s = 2.0
+    try:
+        for size in app.engine.buckets:
+            burst, chats = chats[:size], chats[size:]
+            asyncio.run(drive(srv.url, burst, clients=size, duration=1e9, body=body))
+    finally:
+        app.batcher.batch_window_s = window
+
+
 def _metrics(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=30).text
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
@@ -164,10 +180,10 @@ def run_policy(model: ServedModel, policy: str, args: argparse.Namespace) -> dic
         body["steps"] = args.steps
     shape = dict(system_words=args.system_words, user_words=args.user_words,
                  histories=args.histories)
-    warm = workload(args.warmup, seed=1, **shape)
     chats = workload(args.requests, seed=0, **shape)
     with RunningServer(model, settings) as srv:
-        asyncio.run(drive(srv.url, warm, clients=args.clients, duration=1e9, body=body))
+        warm_up(srv, workload(sum(srv.app.state.bicache.engine.buckets), seed=1, **shape),
+                body)
         before = _metrics(srv.url)
         records, wall = asyncio.run(drive(srv.url, chats, clients=args.clients,
                                           duration=args.duration, body=body))
@@ -263,8 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=int, default=256, help="requests per policy (bound)")
     ap.add_argument("--duration", type=float, default=120.0,
                     help="seconds of sending per policy (bound)")
-    ap.add_argument("--warmup", type=int, default=None,
-                    help="warm-up requests (default: 2 x clients)")
     ap.add_argument("--system-words", type=int, default=200)
     ap.add_argument("--user-words", type=int, default=12)
     ap.add_argument("--histories", type=int, default=4,
@@ -288,7 +302,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.requests, args.duration, args.verify = 128, 60.0, min(args.verify, 16)
-    args.warmup = 2 * args.clients if args.warmup is None else args.warmup
     if args.model is None and not DEFAULT_MODEL.exists():
         model = random_model()
         weights = "random (untrained): timing only"
@@ -306,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": [],
     }
     for policy in policies:
-        print(f"{policy}: warm-up {args.warmup}, then {args.requests} requests from "
+        print(f"{policy}: warm-up, then {args.requests} requests from "
               f"{args.clients} clients ...", flush=True)
         result["results"].append(run_policy(model, policy, args))
         r = result["results"][-1]

@@ -21,7 +21,7 @@ def test_smoke_run_writes_json_and_png(tmp_path):
     out = tmp_path / "load.json"
     result = serve_load.main([
         "--model", str(chat_model_folder(tmp_path / "tiny")), "--policies", "none,bicache",
-        "--clients", "4", "--requests", "8", "--warmup", "4", "--system-words", "10",
+        "--clients", "4", "--requests", "8", "--max-batch", "4", "--system-words", "10",
         "--user-words", "3", "--histories", "0", "--max-tokens", "8", "--block-length", "4",
         "--verify", "4", "--out", str(out), "--plot"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
@@ -32,6 +32,7 @@ def test_smoke_run_writes_json_and_png(tmp_path):
         assert r["answered"] == r["sent"] == 8 and r["errors"] == []
         assert r["identical"] == r["verified"] == 4
         assert r["tokens_per_s"] > 0 and r["latency_p99_s"] >= r["latency_p50_s"] > 0
+        assert r["compiles_during_load"] == 0  # the warm-up compiled every bucket
     assert by["none"]["store_hit_rate"] is None
     assert by["bicache"]["store_hit_rate"] > 0.5  # only the first batch computes the prefix
     assert "bicache / none" in serve_load.markdown_table(result)
