@@ -344,3 +344,16 @@ def test_a_model_without_tokenizer_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "tokenizer" in lines[0], proc.stderr
+
+
+def test_text_stream_holds_back_a_possible_stop_sequence():
+    from bicache_jax.server import _TextStream
+
+    s = _TextStream(["END"])
+    assert s.push("hello E", final=False) == "hello"  # " E" could still end in "END"
+    assert s.push("hello EN", final=False) == " "
+    assert s.push("hello ENX more", final=False) == "ENX mo"
+    assert s.push("hello ENX more", final=True) == "re"
+    u = _TextStream([])
+    assert u.push("caf\ufffd", final=False) == "caf"  # a cut multi-byte character waits
+    assert u.push("café", final=True) == "é"
