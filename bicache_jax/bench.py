@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import time
@@ -26,6 +27,7 @@ from .generate import Prompt, compile_count, compute_prefix_entry, generate
 from .model import init_params
 from .policies import POLICIES
 from .prefix_store import PrefixStore
+from .sampling import SamplerConfig
 
 # Dense bf16 peaks (TFLOP/s) of accelerators we may be lent; CPU peak is measured.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5e": 197.0,
@@ -67,6 +69,11 @@ def model_config(name: str) -> ModelConfig:
                            n_heads=4, n_kv_heads=4, head_dim=32, mlp_dim=384,
                            rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False,
                            logits_shift=False, mask_token_id=511, max_seq_len=2048)
+    if name == "cpu_d384":  # 13.8M params: the shape of issue 14's measurements
+        return ModelConfig(layout="llada", vocab_size=4096, d_model=384, n_layers=6,
+                           n_heads=6, n_kv_heads=6, head_dim=64, mlp_dim=1024,
+                           rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False,
+                           logits_shift=False, mask_token_id=4095, max_seq_len=4096)
     if name == "toy":
         return ModelConfig(layout="llada", vocab_size=64, d_model=32, n_layers=2, n_heads=2,
                            n_kv_heads=2, head_dim=16, mlp_dim=64, rope_theta=500000.0,
@@ -259,13 +266,200 @@ def plot(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- paired runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One shared-prefix workload of a paired run: every request has the same shared
+    prefix (`prefix_len` tokens) and its own prompt (`prompt_len`)."""
+
+    name: str
+    prefix_len: int
+    prompt_len: int
+    batch: int = 1
+    threshold: float | None = None
+    reuse_depth: int = 2
+    policies: tuple[str, ...] = ("fastdllm_dual", "bicache_dual", "bicache_dual_tuned")
+
+
+# Policy variants of a paired run: (policy, extra generate arguments).
+VARIANTS = {
+    "none": ("none", {}),
+    "bicache": ("bicache", {}),
+    "fastdllm_prefix": ("fastdllm_prefix", {}),
+    "fastdllm_dual": ("fastdllm_dual", {}),
+    "bicache_dual": ("bicache_dual", {}),  # the official schedule, N = 16
+    "bicache_dual_dobs": ("bicache_dual", {"decode_on_block_start": True}),
+    "bicache_dual_tuned": ("bicache_dual", {"decode_on_block_start": True,
+                                            "refresh_interval": 32}),
+}
+# Speedup pairs reported: (numerator, denominator) variants.
+PAIRS = (("bicache", "none"), ("bicache_dual", "fastdllm_dual"),
+         ("bicache_dual_dobs", "fastdllm_dual"), ("bicache_dual_tuned", "fastdllm_dual"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedSettings:
+    model: str
+    gen_length: int
+    steps: int
+    block_length: int
+    workloads: tuple[Workload, ...]
+    repeats: int = 5
+
+
+_ALL = ("none", "bicache", "fastdllm_prefix", "fastdllm_dual", "bicache_dual",
+        "bicache_dual_dobs", "bicache_dual_tuned")
+PAIRED_SCALES = {
+    # The regime BiCache is for, at the shape of issue 14's checkpoint (d384 x 6 layers,
+    # vocab 4096): 512-token prompts 90% / 50% shared, a 1024-token shared prefix with a
+    # 64-token question; gen 256, 128 steps, blocks of 32.
+    "shared": PairedSettings("cpu_d384", 256, 128, 32, (
+        Workload("p512_r90", 461, 51, policies=_ALL),
+        Workload("p512_r50", 256, 256, policies=("none", "bicache", "fastdllm_dual",
+                                                 "bicache_dual", "bicache_dual_tuned")),
+        Workload("p1024_q64_t0.9", 1024, 64, threshold=0.9, reuse_depth=3),
+        Workload("p512_r90_b8", 461, 51, batch=8),
+        Workload("p1024_q64_t0.9_b8", 1024, 64, batch=8, threshold=0.9, reuse_depth=3),
+    )),
+    # CI smoke size: the pipeline and the JSON, not the numbers.
+    "shared_toy": PairedSettings("toy", 16, 8, 8, (
+        Workload("toy", 24, 8, reuse_depth=1, policies=("none", "bicache", "fastdllm_dual",
+                                                        "bicache_dual")),
+    ), repeats=2),
+}
+
+
+def flop_bound_note() -> str:
+    return ("FLOPs of a request = rows x per-row matmul FLOPs + rows x attention FLOPs over "
+            "the keys each row sees + the head on the decoded rows, i.e. "
+            "rows_computed * (2 (d q_dim + 2 d kv_dim + q_dim d + 3 d F) + 4 Hq D (p + u + g))"
+            " + forwards * block_length * 2 d V (rows_computed counts token-layer rows; "
+            "every row attends to the whole sequence). FLOP bound of a pair = FLOPs of the "
+            "denominator / FLOPs of the numerator.")
+
+
+def run_paired(settings: PairedSettings, *, progress=print) -> dict:
+    """Time every workload's policies interleaved request by request (each repeat sends one
+    request batch through every policy in turn, the store warm as in serving); speedups
+    are medians of the per-repeat ratios, so slow phases of a shared machine hit both
+    sides of a pair."""
+    config = model_config(settings.model)
+    params = init_params(config, jax.random.key(0))
+    peak, peak_source = peak_tflops()
+    g = settings.gen_length
+    rows = []
+    for wl in settings.workloads:
+        sampler = SamplerConfig(threshold=wl.threshold)
+        store = PrefixStore(budget_tokens=max(5000, 2 * wl.prefix_len))
+        rng = np.random.default_rng(len(rows))
+        prefix = tuple(rng.integers(0, config.mask_token_id, wl.prefix_len).tolist())
+
+        def request(seed, prefix=prefix, wl=wl):
+            r = np.random.default_rng(seed)
+            return [Prompt(prompt=tuple(r.integers(0, config.mask_token_id,
+                                                   wl.prompt_len).tolist()), prefix=prefix)
+                    for _ in range(wl.batch)]
+
+        def call(variant, prompts, store, wl=wl, sampler=sampler):
+            policy, extra = VARIANTS[variant]
+            kw = dict(config=config, gen_length=g, steps=settings.steps,
+                      block_length=settings.block_length, policy=policy, sampler=sampler,
+                      **extra)
+            if "bicache" in policy:
+                kw["reuse_depth"] = wl.reuse_depth
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = generate(params, prompts, store, **kw)
+            return out, time.perf_counter() - t0, time.process_time() - c0
+
+        first = {}
+        for v in wl.policies:  # compile + fill the store, then one warm-up call
+            before = compile_count()
+            out, wall, _ = call(v, request(0), store)
+            store = out.cache or store
+            first[v] = (wall, compile_count() - before)
+            call(v, request(0), store)
+        times = {v: [] for v in wl.policies}
+        cpu = {v: [] for v in wl.policies}
+        outs = {}
+        for rep in range(settings.repeats):
+            for v in wl.policies:
+                out, wall, cpu_s = call(v, request(rep + 1), store)
+                times[v].append(wall)
+                cpu[v].append(cpu_s)
+                outs[v] = out
+            progress(f"{wl.name} repeat {rep + 1}/{settings.repeats}: " + "  ".join(
+                f"{v} {times[v][-1]:.2f}s" for v in wl.policies))
+        seq = wl.prefix_len + wl.prompt_len + g
+        for v in wl.policies:
+            out = outs[v]
+            flops = sum(call_flops(config, float(r), seq, float(n), settings.block_length)
+                        for r, n in zip(out.stats["rows_computed"], out.nfe, strict=True))
+            wall = float(np.median(times[v]))
+            rows.append({
+                "workload": wl.name, "variant": v, "policy": VARIANTS[v][0],
+                "options": VARIANTS[v][1], "batch": wl.batch, "prefix_len": wl.prefix_len,
+                "prompt_len": wl.prompt_len, "threshold": wl.threshold,
+                "reuse_depth": int(out.stats["batch_reuse_depth"]),
+                "wall_s": times[v], "cpu_s": cpu[v], "median_wall_s": wall,
+                "tokens_per_s": wl.batch * g / wall, "nfe": float(np.mean(out.nfe)),
+                "rows_per_request": float(np.mean(out.stats["rows_computed"])),
+                "refreshes": float(np.mean(out.stats["refreshes"])),
+                "prefix_cache_bytes": int(out.stats["prefix_cache_bytes"]),
+                "flops": flops, "achieved_gflops": flops / wall / 1e9,
+                "first_call_s": first[v][0], "compiles": first[v][1]})
+    by = {(r["workload"], r["variant"]): r for r in rows}
+    pairs = []
+    for wl in settings.workloads:
+        for num, den in PAIRS:
+            if (wl.name, num) in by and (wl.name, den) in by:
+                a, b = by[(wl.name, num)], by[(wl.name, den)]
+                ratios = np.array(b["wall_s"]) / np.array(a["wall_s"])
+                pairs.append({"workload": wl.name, "pair": f"{num}/{den}",
+                              "speedup": float(np.median(ratios)),
+                              "speedup_cpu_time": float(np.median(np.array(b["cpu_s"])
+                                                                  / np.array(a["cpu_s"]))),
+                              "ratios": ratios.tolist(),
+                              "flop_bound": b["flops"] / a["flops"]})
+    return {
+        "machine": {"node": platform.node(), "processor": platform.processor(),
+                    "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "device": device_info(), "jax_version": jax.__version__, "git_commit": _git_commit(),
+        "weights": "random (untrained): timing only", "peak_tflops": peak,
+        "peak_source": peak_source, "flop_bound": flop_bound_note(),
+        "settings": dataclasses.asdict(settings), "model_config": dataclasses.asdict(config),
+        "results": rows, "pairs": pairs,
+    }
+
+
+def paired_markdown(result: dict) -> str:
+    """README tables of a paired run."""
+    lines = ["| workload | variant | batch | tok/s | nfe | rows/req | refreshes | GFLOP/s |"
+             " prefix KV MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['workload']} | {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} "
+              f"| {r['nfe']:.0f} | {r['rows_per_request']:.0f} | {r['refreshes']:.0f} | "
+              f"{r['achieved_gflops']:.1f} | {r['prefix_cache_bytes'] / 2**20:.1f} |"
+              for r in result["results"]]
+    lines += ["", "| workload | pair | speedup (median of paired ratios) | FLOP bound |"
+              " measured / bound |", "|---|---|---|---|---|"]
+    lines += [f"| {p['workload']} | {p['pair']} | {p['speedup']:.2f}x | "
+              f"{p['flop_bound']:.2f}x | {p['speedup'] / p['flop_bound']:.2f} |"
+              for p in result["pairs"]]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="bicache-jax bench", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu",
+    ap.add_argument("--scale", choices=sorted(SCALES) + sorted(PAIRED_SCALES), default="cpu",
                     help="cpu: small model, minutes on 2 cores; gpu: LLaDA-8B shape, "
-                         "random bf16 weights; toy: CI smoke test")
+                         "random bf16 weights; toy: CI smoke test; shared: the shared-prefix "
+                         "regime, policies interleaved request by request (d384 x 6 model, "
+                         "~20 min on 2 cores); shared_toy: its CI smoke test")
+    ap.add_argument("--workloads", help="shared scales: comma-separated workload names")
+    ap.add_argument("--repeats", type=int, help="shared scales: requests per policy")
     ap.add_argument("--policies", help="comma-separated subset of policies")
     ap.add_argument("--batch-sizes", help="comma-separated, e.g. 1,4,16")
     ap.add_argument("--ratios", help="comma-separated prefix ratios in percent")
@@ -273,6 +467,8 @@ def main(argv=None) -> int:
                                   "throughput_<scale>_<device>.json)")
     ap.add_argument("--plot", action="store_true", help="also write a PNG beside the JSON")
     args = ap.parse_args(argv)
+    if args.scale in PAIRED_SCALES:
+        return _main_paired(ap, args)
     settings = SCALES[args.scale]
     changes = {}
     if args.policies:
@@ -295,4 +491,28 @@ def main(argv=None) -> int:
     if args.plot:
         plot(result, out.with_suffix(".png"))
         print(f"wrote {out.with_suffix('.png')}")
+    return 0
+
+
+def _main_paired(ap, args) -> int:
+    settings = PAIRED_SCALES[args.scale]
+    if args.workloads:
+        names = args.workloads.split(",")
+        known = {w.name for w in settings.workloads}
+        for n in names:
+            if n not in known:
+                ap.error(f"--workloads: unknown workload {n!r}; known: {sorted(known)}")
+        settings = dataclasses.replace(settings, workloads=tuple(
+            w for w in settings.workloads if w.name in names))
+    if args.repeats is not None:
+        if args.repeats < 1:
+            ap.error(f"--repeats must be >= 1, got {args.repeats}")
+        settings = dataclasses.replace(settings, repeats=args.repeats)
+    result = run_paired(settings)
+    out = Path(args.out or f"benchmarks/results/throughput_{args.scale}_"
+               f"{result['device']['device_kind'].lower().replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(paired_markdown(result))
+    print(f"wrote {out}")
     return 0

@@ -1,30 +1,11 @@
 """`generate`: validate on the host, then the whole denoise loop in one `jax.jit`.
 
-Layout of a request inside the loop (see model.py): the **prefix** segment (the shared
-prefix, BiCache-family policies only, served from the prefix store) and the **own**
-segment `[canvas G (gen_length slots) | prompt U | padding]`. The canvas sits at slots
-`0..gen_length-1` for every request, so blocks are static slices; RoPE positions carry the
-true order `[P | U | G]`.
-
-One loop serves every policy (`policies.py`): a `lax.fori_loop` over blocks, a
-`lax.while_loop` over the steps of a block; at each step the policy picks one of three
-forwards — all own rows, a static-size subset of own rows against the request's KV
-buffer, or (BiCache) a refresh of the deep prefix KV — and the sampler unmasks tokens of
-the current block.
-
-dKV-Cache (all four variants) is one mechanism in that loop: the state holds a per-request
-"cached set" [B, R] of own slots; a step is either a full forward (which refills the KV
-buffer) or computes exactly the valid slots outside the set — gathered in slot order and
-padded to the smallest static row count (8, 16, 32, ..., the canvas; Dream: + 1) that holds
-the batch's largest count, chosen by `lax.switch` — against the buffer, writing their fresh
-K/V back (so every slot holds the value of the last forward that computed it). After the
-step the variant sets the next step's set: Decode/PD the shifted decoded set of the step
-before (the one-step delay), Greedy the complement of its next rows. The cache holds K
-after RoPE (the public code caches it before and rotates at each use, at the same
-position: the same values). Dream's "un" shift marks slot p cacheable once its successor
-in the true order is decoded; the last canvas position gets the public code's value
-(`decoded[:, :1]`, True from step 1 on, while it is still masked): this changes tokens, so
-we keep it. Per-forward rows are logged (`stats["rows_per_forward"]`).
+The host side (this module) validates the call, looks the shared prefixes up in the
+prefix store (computing misses on the prefix alone), picks BiCache's reuse depth from the
+`r -> b` table, pads the batch to static shapes and hands one `denoise.Inputs` pytree to
+the jitted loop (`denoise.py`: the layout of a request inside the loop, the policies'
+rules). `generate_stream` runs the same loop one block per call and yields each finished
+block.
 """
 
 from __future__ import annotations
@@ -32,25 +13,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array
 
+from . import denoise
 from .config import ModelConfig
-from .model import OwnKV, PrefixKV, encode_prefix, forward_rows, logits_from_hidden
-from .policies import Policy, get_policy
+from .denoise import DenoiseLoop, Inputs, PrefixInputs, compile_count, greedy_window
+from .model import encode_prefix
+from .policies import get_policy
 from .prefix_store import PrefixStore, StoredPrefix
-from .sampling import (
-    SamplerConfig,
-    choose_tokens,
-    llada_transfer_counts,
-    select_positions,
-    select_top,
-)
+from .sampling import SamplerConfig
 
 PAD_MULTIPLE = 16  # prompt and prefix lengths are padded to multiples of this (fewer compiles)
 
@@ -79,7 +55,9 @@ class GenerateOutput:
              n_layers for token rows, except on BiCache refreshes); `refreshes`;
              `prefix_len`; `reuse_depth`; `decode_order` [B, num_blocks, block_length]
              when a fixed order was used) and per-call values (`batch_reuse_depth`,
-             `store_rows_computed`, `seconds`, `compiles`).
+             `store_rows_computed`, `seconds`, `compiles`, `prefix_cache_bytes`: the
+             batch's prefix KV on the device — each distinct prefix's store entry once,
+             plus the per-request deep KV that BiCache's refreshes keep).
     cache:   the updated prefix store (None for policies that do not use one).
     """
 
@@ -87,374 +65,6 @@ class GenerateOutput:
     nfe: np.ndarray
     stats: dict
     cache: PrefixStore | None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Everything static about a call: one compiled program per distinct plan + shapes.
-    (The refresh interval and Greedy's window size are traced: sweeping them reuses the
-    program.)"""
-
-    config: ModelConfig
-    sampler: SamplerConfig
-    policy: Policy
-    gen_length: int
-    steps: int
-    block_length: int
-    reuse_depth: int
-    row_buckets: tuple[int, ...]
-    fixed_order: bool  # decode each block in the order of the `order` argument
-
-
-_TRACE_COUNT = [0]
-
-
-def compile_count() -> int:
-    """How many times the denoise loop has been traced (= compiled) in this process."""
-    return _TRACE_COUNT[0]
-
-
-def _max_forwards(plan: _Plan) -> int:
-    """Upper bound on the forwards of one call (the length of the per-forward logs)."""
-    num_blocks = plan.gen_length // plan.block_length
-    per_block = (plan.block_length + 1 if plan.sampler.threshold is not None
-                 else plan.steps // num_blocks)
-    return num_blocks * (per_block + int(plan.policy.block_cache is not None))
-
-
-def greedy_window(rows: Array, masked: Array, targets: Array, block_order: Array,
-                  window_size: Array) -> Array:
-    """dKV-Cache-Greedy's window (`find_window_tokens`) over the canvas, batched.
-
-    rows [B, g]: positions already computed next step; masked [B, g]: still-masked
-    positions; targets [B, g]: the positions to decode next; block_order [B, bl]: the
-    block's decoding order (canvas positions). For each target, in decoding order, add up
-    to `window_size` positions that are masked and not yet in `rows`, nearest first and,
-    at equal distance, left before right (the public pointer walk p-1, p+1, p-2, ...);
-    positions added for one target are not counted for the next. Returns the new rows.
-    """
-    batch, g = rows.shape
-    q = jnp.arange(g, dtype=jnp.int32)[None, :]
-    count = jnp.broadcast_to(window_size, (batch,))
-
-    def add(j, rows):
-        p = block_order[:, j][:, None]
-        on = jnp.take_along_axis(targets, p, axis=1)
-        dist = 2 * jnp.abs(q - p) - (q < p).astype(jnp.int32)  # p-1: 1, p+1: 2, p-2: 3
-        return rows | select_top(-dist.astype(jnp.float32), masked & ~rows & on, count)
-
-    return jax.lax.cond(window_size > 0,
-                        lambda r: jax.lax.fori_loop(0, block_order.shape[1], add, r),
-                        lambda r: r, rows)
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
-class _State(NamedTuple):
-    tokens: Array  # [B, R] own tokens (canvas slots updated in place)
-    key: Array
-    nfe: Array  # [B]
-    rows: Array  # [B] token-layer rows computed
-    padded: Array  # [B] token-layer rows padded
-    refreshes: Array  # [B]
-    since_refresh: Array  # scalar: forwards since the last deep-prefix refresh
-    prefix_buf: tuple | None  # (k, v) [L, B, P, Hkv, D]: store (< b) + last refresh (>= b)
-    own_buf: tuple | None  # (k, v) [L, B, R, Hkv, D]: the request's own KV (block caches)
-    cache_set: Array  # [B, R] dKV: own slots the next cached step reads from own_buf
-    step: Array  # scalar: decoding steps taken so far (all blocks)
-    fwd: Array  # scalar: forwards run so far
-    row_log: Array  # [B, F] token-layer rows computed per forward
-    pad_log: Array  # [B, F] token-layer rows padded per forward
-
-
-class _Controls(NamedTuple):
-    """Traced per-call inputs of the loop (one pytree, the loop's last argument)."""
-
-    key: Array
-    refresh_interval: Array  # int32 scalar: N
-    window_size: Array  # int32 scalar: Greedy's window
-    order: Array | None  # [B, num_blocks, block_length] canvas slots (fixed-order decoding)
-
-
-@functools.partial(jax.jit, static_argnames=("plan",))
-def _denoise(params, plan: _Plan, own_tokens, own_pos, own_len, prefix_k, prefix_v,
-             prefix_hidden, prefix_len, controls: _Controls):
-    _TRACE_COUNT[0] += 1
-    key, refresh_interval, window_size, order = controls
-    c, pol, s = plan.config, plan.policy, plan.sampler
-    L, g, bl = c.n_layers, plan.gen_length, plan.block_length
-    num_blocks = g // bl
-    steps_per_block = plan.steps // num_blocks
-    batch, own_size = own_tokens.shape
-    b = plan.reuse_depth
-    has_prefix = prefix_k is not None
-    prefix_pos = None
-    if has_prefix:
-        prefix_pos = jnp.broadcast_to(jnp.arange(prefix_k.shape[2], dtype=jnp.int32),
-                                      (batch, prefix_k.shape[2]))
-    cfg = s.cfg_scale > 0
-    slot_ids = jnp.arange(own_size, dtype=jnp.int32)
-    own_valid = slot_ids[None, :] < own_len[:, None]
-    prompt_slot = (slot_ids[None, :] >= g) & own_valid
-    rank = None
-    if plan.fixed_order:  # rank[b, c]: when canvas slot c is decoded within its block
-        rank = jax.vmap(lambda o: jnp.zeros((g,), jnp.int32).at[o.reshape(-1)].set(
-            jnp.tile(jnp.arange(bl, dtype=jnp.int32), num_blocks)))(order)
-
-    def predictor_slots(slots):
-        """Own slot whose output predicts each canvas slot (Dream: the previous one)."""
-        slots = jnp.broadcast_to(slots, (batch, slots.shape[-1]))
-        if not c.logits_shift:
-            return slots
-        prev = slots - 1
-        return jnp.where(prev < 0, (own_len - 1)[:, None], prev)
-
-    def shifted(decoded, x_last):
-        """dKV's cacheable set from the decoded set. LLaDA: the decoded set. Dream ("un"
-        shift): slot p once its successor in the true order [prompt | canvas] is decoded
-        (its output is no longer needed); the last canvas slot gets `x_last`."""
-        if not c.logits_shift:
-            return decoded
-        succ = jnp.where(slot_ids[None, :] == (own_len - 1)[:, None], 0, slot_ids[None, :] + 1)
-        e = jnp.take_along_axis(decoded, jnp.minimum(succ, own_size - 1), axis=1)
-        return jnp.where(slot_ids[None, :] == g - 1, x_last, e)
-
-    # dKV-Cache-Prefill's set (E_{-1}): the prompt (Dream: but its last token).
-    prefill_set = shifted(own_tokens != c.mask_token_id, jnp.bool_(False)) & own_valid
-
-    def head(hidden_rows):
-        logits = logits_from_hidden(params, hidden_rows)
-        if cfg:  # LLaDA's classifier-free guidance: rows [cond; uncond] along the batch
-            cond, uncond = logits[:batch], logits[batch:]
-            logits = uncond + (s.cfg_scale + 1.0) * (cond - uncond)
-        return logits
-
-    def block_active(tokens, slots):
-        return jnp.any(tokens[:, slots] == c.mask_token_id, axis=1)
-
-    def count(st, active, rows, padded=0, refreshed=None):
-        """Book one forward: rows / padded are token-layer rows per request."""
-        act = active.astype(jnp.int32)
-        rows, padded = act * rows, act * padded
-        return st._replace(
-            nfe=st.nfe + act, rows=st.rows + rows, padded=st.padded + padded,
-            refreshes=st.refreshes + (0 if refreshed is None else act * refreshed),
-            row_log=st.row_log.at[:, st.fwd].set(rows, mode="drop"),
-            pad_log=st.pad_log.at[:, st.fwd].set(padded, mode="drop"), fwd=st.fwd + 1)
-
-    # -- forward over all own rows (and the prefix rows in layers >= b on refresh)
-    def full_forward(st, slots, want_own_kv, decodes=True):
-        active = block_active(st.tokens, slots)
-
-        def run(st, refresh):
-            tokens, pos, lens = st.tokens, own_pos, own_len
-            if cfg:
-                tokens = jnp.concatenate(
-                    [tokens, jnp.where(prompt_slot, c.mask_token_id, tokens)])
-                pos, lens = jnp.concatenate([pos, pos]), jnp.concatenate([lens, lens])
-            prefix, depth = None, 0
-            if has_prefix:
-                hidden = prefix_hidden if refresh else None
-                prefix = PrefixKV(*st.prefix_buf, hidden, prefix_len)
-                depth = b if refresh else L
-            out = forward_rows(params, c, tokens, pos, lens, prefix=prefix,
-                               prefix_pos=prefix_pos, reuse_depth=depth,
-                               return_prefix_kv=refresh, return_own_kv=want_own_kv)
-            rows = own_len * L
-            if refresh:
-                pk, pv = st.prefix_buf
-                st = st._replace(prefix_buf=(pk.at[b:].set(out.prefix_kv[0]),
-                                             pv.at[b:].set(out.prefix_kv[1])),
-                                 since_refresh=jnp.zeros((), jnp.int32))
-                rows = rows + prefix_len * (L - b)
-            # The refresh counter counts decoding steps (a cache-only forward is not one).
-            st = st._replace(since_refresh=st.since_refresh + int(decodes))
-            st = count(st, active, rows, refreshed=jnp.int32(refresh))
-            hid = jnp.take_along_axis(
-                out.hidden, jnp.tile(predictor_slots(slots), (2 if cfg else 1, 1))[..., None],
-                axis=1)
-            own_kv = None if out.own_kv is None else tuple(out.own_kv)
-            return st, head(hid), own_kv
-
-        if has_prefix and pol.refreshes and b < L:  # at b = L no layer is left to refresh
-            due = st.since_refresh >= refresh_interval
-            return jax.lax.cond(due, lambda x: run(x, True), lambda x: run(x, False), st)
-        return run(st, False)
-
-    # -- forward over a static-size subset of own rows, the rest of the KV from own_buf
-    def rows_forward(st, slots, rows, n_valid, pred_index, write_back):
-        """rows: [B, T] own slots (>= own_size: padding); pred_index: [B, bl] row index
-        of each block slot's predictor among `rows`."""
-        active = block_active(st.tokens, slots)
-        safe = jnp.minimum(rows, own_size - 1)
-        prefix = None if not has_prefix else PrefixKV(*st.prefix_buf, None, prefix_len)
-        out = forward_rows(
-            params, c, jnp.take_along_axis(st.tokens, safe, 1),
-            jnp.take_along_axis(own_pos, safe, 1), own_len, prefix=prefix,
-            prefix_pos=prefix_pos, reuse_depth=L, own_kv=OwnKV(*st.own_buf), own_rows=rows,
-            return_own_kv=write_back)
-        st = count(st, active, n_valid * L, (rows.shape[1] - n_valid) * L)
-        st = st._replace(since_refresh=st.since_refresh + 1)
-        if write_back:
-            st = st._replace(own_buf=tuple(out.own_kv))
-        hid = jnp.take_along_axis(out.hidden, pred_index[..., None], axis=1)
-        return st, head(hid)
-
-    def block_rows(slots):
-        """Rows of a block forward: the block (and, for Dream, its first slot's predictor)."""
-        rows = jnp.broadcast_to(slots, (batch, slots.shape[-1]))
-        if c.logits_shift:
-            rows = jnp.concatenate([predictor_slots(slots)[:, :1], rows], axis=1)
-        return rows, jnp.broadcast_to(jnp.arange(bl), (batch, bl))
-
-    def prefix_cache_forward(st, k, slots):
-        """Fast-dLLM prefix cache: the block and everything after it, exact row count."""
-        def branch(kk):
-            def f(st):
-                rows, pred = block_rows(kk * bl + jnp.arange(g - kk * bl, dtype=jnp.int32))
-                n = jnp.full((batch,), rows.shape[1], jnp.int32)
-                return rows_forward(st, slots, rows, n, pred, write_back=False)
-            return f
-        return jax.lax.switch(k, [branch(kk) for kk in range(num_blocks)], st)
-
-    def subset_forward(st, slots, need):
-        """dKV cached step: compute the own slots in `need` [B, R] (gathered in slot order,
-        padded to the smallest static bucket that holds the batch's largest count), every
-        other slot's K/V read from own_buf; the rows' fresh K/V are written back."""
-        n_valid = jnp.sum(need, axis=1).astype(jnp.int32)
-        order_ = jnp.argsort(~need, axis=1, stable=True).astype(jnp.int32)
-
-        def branch(size):
-            def f(st):
-                rows = order_[:, :size]
-                rows = jnp.where(jnp.arange(size)[None, :] < n_valid[:, None], rows, own_size)
-                where_row = jnp.full((batch, own_size + 1), 0, jnp.int32)
-                where_row = jax.vmap(lambda w, r: w.at[r].set(jnp.arange(size),
-                                                              mode="drop"))(where_row, rows)
-                pred = jnp.take_along_axis(where_row, predictor_slots(slots), 1)
-                return rows_forward(st, slots, rows, n_valid, pred, write_back=True)
-            return f
-
-        # Never more than the canvas (+ Dream's first predictor): every variant caches the
-        # prompt but (Dream) its last token; the largest bucket is exactly that.
-        buckets = jnp.asarray(plan.row_buckets)
-        idx = jnp.sum(buckets < jnp.max(n_valid))
-        return jax.lax.switch(idx, [branch(sz) for sz in plan.row_buckets], st)
-
-    def dkv_forward(st, i, slots):
-        """One dKV step: a full forward (which refills own_buf) or a cached one."""
-        n = refresh_interval
-        # LLaDA (and Greedy everywhere) counts steps per block, Dream over the whole canvas.
-        idx = i if (pol.dkv == "greedy" or not c.logits_shift) else st.step
-        reset = idx % n == 0
-        if pol.dkv in ("decode", "pd") and not c.logits_shift:
-            reset = reset | (idx <= 1)  # LLaDA: steps 0 and 1 of a block (cache reset)
-        if pol.dkv in ("decode", "greedy"):
-            full, cached = reset, st.cache_set
-        elif pol.dkv == "prefill":
-            full, cached = st.step == 0, prefill_set
-        else:  # pd: a refresh recomputes all but the prefill set
-            full, cached = st.step == 0, jnp.where(reset, prefill_set, st.cache_set)
-        need = own_valid & ~cached
-
-        def full_branch(st):
-            st2, logits, own_kv = full_forward(st, slots, want_own_kv=True)
-            return st2._replace(own_buf=own_kv), logits
-
-        return jax.lax.cond(full, full_branch, lambda x: subset_forward(x, slots, need), st)
-
-    def greedy_rows(before, after, i, quota, slots, k):
-        """dKV-Cache-Greedy's rows for step i + 1: W = S_{i+1} (Dream: their predictors)
-        + S_i + up to `window_size` still-masked canvas neighbours of each p in S_{i+1},
-        taken in the block order, nearest first, left before right."""
-        masked = after[:, :g] == c.mask_token_id
-        just = (before[:, :g] == c.mask_token_id) & ~masked  # S_i
-        nxt_blk = select_top(-rank[:, slots].astype(jnp.float32), masked[:, slots],
-                             quota[:, jnp.minimum(i + 1, steps_per_block - 1)])
-        nxt = jnp.zeros((batch, g), bool).at[:, slots].set(nxt_blk)  # S_{i+1}
-        w = jnp.zeros((batch, own_size), bool).at[:, :g].set(just)
-        targets = predictor_slots(jnp.arange(g, dtype=jnp.int32))
-        targets = jnp.where(nxt, targets, own_size)
-        w = jax.vmap(lambda x, t: x.at[t].set(True, mode="drop"))(w, targets)
-        w = w.at[:, :g].set(greedy_window(w[:, :g], masked, nxt, order[:, k], window_size))
-        return w & own_valid
-
-    # -- one decoding update of the current block
-    def decode(st, logits, step, quota, slots):
-        key, k_tok, k_pos = jax.random.split(st.key, 3)
-        block = st.tokens[:, slots]
-        candidates = block == c.mask_token_id
-        tokens, conf = choose_tokens(logits, k_tok, s)
-        if plan.fixed_order:
-            chosen = select_top(-rank[:, slots].astype(jnp.float32), candidates,
-                                quota[:, step])
-        else:
-            chosen = select_positions(conf, candidates, step, steps_per_block, quota, k_pos,
-                                      s)
-        new_block = jnp.where(chosen, tokens, block)
-        return st._replace(tokens=st.tokens.at[:, slots].set(new_block), key=key)
-
-    def step_forward(st, step, slots, k):
-        if pol.dkv is not None:
-            return dkv_forward(st, step, slots)
-        if pol.block_cache == "dual":
-            rows, pred = block_rows(slots)
-            n = jnp.full((batch,), rows.shape[1], jnp.int32)
-            return rows_forward(st, slots, rows, n, pred, write_back=False)
-        if pol.block_cache == "prefix":
-            return prefix_cache_forward(st, k, slots)
-        st, logits, _ = full_forward(st, slots, want_own_kv=False)
-        return st, logits
-
-    def block_body(k, st):
-        slots = k * bl + jnp.arange(bl, dtype=jnp.int32)
-        masked = jnp.sum(st.tokens[:, slots] == c.mask_token_id, axis=1)
-        quota = llada_transfer_counts(masked, steps_per_block)
-        first = 0
-        if pol.block_cache is not None:
-            st, logits, own_kv = full_forward(st, slots, want_own_kv=True,
-                                              decodes=pol.decode_on_block_start)
-            st = st._replace(own_buf=own_kv)
-            if pol.decode_on_block_start:
-                st = decode(st, logits, jnp.int32(0), quota, slots)
-                first = 1
-
-        def cond(carry):
-            st, i = carry
-            if s.threshold is None:
-                return i < steps_per_block
-            return jnp.any(block_active(st.tokens, slots)) & (i < bl + 1)
-
-        def body(carry):
-            st, i = carry
-            before = st.tokens
-            st, logits = step_forward(st, i, slots, k)
-            st = decode(st, logits, jnp.minimum(i, steps_per_block - 1), quota, slots)
-            if pol.dkv in ("decode", "pd"):  # the one-step delay: E_{t-1} is read at t + 1
-                st = st._replace(cache_set=shifted(before != c.mask_token_id, st.step > 0))
-            elif pol.dkv == "greedy":
-                st = st._replace(cache_set=~greedy_rows(before, st.tokens, i, quota, slots, k))
-            return st._replace(step=st.step + 1), i + 1
-
-        st, _ = jax.lax.while_loop(cond, body, (st, jnp.int32(first)))
-        return st
-
-    zeros = jnp.zeros((batch,), jnp.int32)
-    own_buf = None
-    if pol.block_cache is not None or pol.dkv is not None:
-        shape = (L, batch, own_size, c.n_kv_heads, c.head_dim)
-        dtype = params["embed"].dtype
-        own_buf = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-    log = jnp.zeros((batch, _max_forwards(plan)), jnp.int32)
-    state = _State(
-        tokens=own_tokens, key=key, nfe=zeros, rows=zeros, padded=zeros, refreshes=zeros,
-        since_refresh=refresh_interval, prefix_buf=(prefix_k, prefix_v) if has_prefix else None,
-        own_buf=own_buf, cache_set=prefill_set, step=jnp.int32(0), fwd=jnp.int32(0),
-        row_log=log, pad_log=log)
-    state = jax.lax.fori_loop(0, num_blocks, block_body, state)
-    return (state.tokens[:, :g], state.nfe, state.rows, state.padded, state.refreshes,
-            state.row_log, state.pad_log, state.fwd)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -570,27 +180,30 @@ def _fill_store(params, config, store: PrefixStore, prefixes):
 
 
 def _batch_prefix(entries, prefixes, depth, config, dtype):
-    """Stack the store entries of a batch: k, v [L, B, P, Hkv, D], hidden at `depth`
-    [B, P, d] (P padded to PAD_MULTIPLE). One pad per distinct prefix, then one gather."""
+    """The batch's prefix state, one entry per distinct prefix: k, v [b, S, P, Hkv, D] of
+    the layers below `depth` (all layers at depth L), hidden at `depth` [S, P, d] (None at
+    L), and index [B] (P padded to PAD_MULTIPLE; requests without a prefix read a zero
+    entry of length 0)."""
     L = config.n_layers
     p_max = _round_up(max(len(ids) for ids in prefixes), PAD_MULTIPLE)
     distinct = [ids for ids in dict.fromkeys(prefixes) if ids]
-    index = np.array([distinct.index(ids) if ids else len(distinct) for ids in prefixes])
+    index = np.array([distinct.index(ids) if ids else len(distinct) for ids in prefixes],
+                     np.int32)
 
     def stack(get, axis, shape):
         padded = [jnp.pad(get(entries[ids]), [(0, 0)] * axis + [(0, p_max - len(ids))]
                           + [(0, 0)] * (len(shape) - axis - 1)) for ids in distinct]
-        padded.append(jnp.zeros(shape, dtype))  # requests without a prefix
+        if len(distinct) in index:  # requests without a prefix
+            padded.append(jnp.zeros(shape, dtype))
         return jnp.stack(padded, axis=axis)
 
-    kv_shape = (L, p_max, config.n_kv_heads, config.head_dim)
-    k = stack(lambda e: e.k, 1, kv_shape)[:, index]
-    v = stack(lambda e: e.v, 1, kv_shape)[:, index]
+    kv_shape = (depth, p_max, config.n_kv_heads, config.head_dim)
+    k = stack(lambda e: e.k[:depth], 1, kv_shape)
+    v = stack(lambda e: e.v[:depth], 1, kv_shape)
+    hidden = None
     if depth < L:
-        hidden = stack(lambda e: e.hidden[depth], 0, (p_max, config.d_model))[index]
-    else:
-        hidden = jnp.zeros((len(prefixes), p_max, config.d_model), dtype)
-    return k, v, hidden
+        hidden = stack(lambda e: e.hidden[depth], 0, (p_max, config.d_model))
+    return k, v, jnp.asarray(index), hidden
 
 
 def _row_buckets(max_rows: int) -> tuple[int, ...]:
@@ -713,7 +326,64 @@ def generate(
         does not take, `dkv_greedy` without random remasking, a `decode_order` that is not
         a permutation of each block).
     """
-    start = time.perf_counter()
+    call = _prepare(params, prompts, cache, config=config, gen_length=gen_length, steps=steps,
+                    block_length=block_length, policy=policy, sampler=sampler, key=key,
+                    reuse_depth=reuse_depth, refresh_interval=refresh_interval,
+                    ratio_counts_canvas=ratio_counts_canvas, window_size=window_size,
+                    decode_order=decode_order, decode_on_block_start=decode_on_block_start,
+                    mesh=mesh)
+    return _finish(call, denoise.run(params, call.loop, call.inputs))
+
+
+class StreamStep(NamedTuple):
+    """One finished block of `generate_stream`.
+
+    block:   the block's index (0-based).
+    tokens:  [B, gen_length] the canvas after that block (later blocks hold the mask id).
+    output:  the whole call's `GenerateOutput` on the last block, else None.
+    """
+
+    block: int
+    tokens: np.ndarray
+    output: GenerateOutput | None
+
+
+def generate_stream(params, prompts: Sequence[Prompt | Sequence[int]],
+                    cache: PrefixStore | None = None, **kwargs) -> Iterator[StreamStep]:
+    """`generate`, one semi-autoregressive block at a time: yields a `StreamStep` as each
+    block finishes (the same tokens, nfe and stats as `generate` with the same arguments;
+    one compiled program per block shape, reused by every block). Takes `generate`'s
+    arguments. Validation and the store fill happen before the first block runs."""
+    call = _prepare(params, prompts, cache, **kwargs)
+    loop, g = call.loop, call.loop.gen_length
+    state = denoise.start(params, loop, call.inputs)
+    for k in range(loop.num_blocks):
+        state = denoise.run_block(params, loop, call.inputs, state, jnp.int32(k))
+        tokens = np.asarray(state.tokens[:, :g])
+        last = k == loop.num_blocks - 1
+        yield StreamStep(block=k, tokens=tokens,
+                         output=_finish(call, loop.outputs(state, g)) if last else None)
+
+
+class _Call(NamedTuple):
+    """A validated call: the static loop, its traced inputs and the host-side facts."""
+
+    loop: DenoiseLoop
+    inputs: Inputs
+    store: PrefixStore | None
+    prefix_len: np.ndarray
+    depths: np.ndarray
+    store_rows: int
+    started: float
+    compiles_before: int
+
+
+def _prepare(params, prompts, cache, *, config, gen_length=32, steps=None, block_length=None,
+             policy="none", sampler=None, key=None, reuse_depth=None, refresh_interval=None,
+             ratio_counts_canvas=True, window_size=None, decode_order=None,
+             decode_on_block_start=None, mesh=None) -> _Call:
+    """Everything `generate` does on the host before the loop (see its docstring)."""
+    started = time.perf_counter()
     pol = get_policy(policy)
     if decode_on_block_start is not None:
         if pol.block_cache is None:
@@ -752,7 +422,7 @@ def generate(
     u_lens = np.array([len(x) for x in owns], np.int32)
 
     store, store_rows, depths = None, 0, np.zeros(batch, np.int32)
-    prefix_arrays = (None, None, None, None)
+    prefix = None
     if pol.uses_store:
         store = cache if cache is not None else PrefixStore()
         store, entries, store_rows = _fill_store(params, config, store, prefixes)
@@ -767,8 +437,8 @@ def generate(
         else:
             depths[:] = L
         if p_lens.max() > 0:
-            prefix_arrays = _batch_prefix(entries, prefixes, int(depths.min()), config,
-                                          params["embed"].dtype) + (jnp.asarray(p_lens),)
+            prefix = PrefixInputs(*_batch_prefix(entries, prefixes, int(depths.min()), config,
+                                                 params["embed"].dtype), jnp.asarray(p_lens))
     batch_depth = int(depths.min()) if pol.uses_store else 0
 
     u_max = _round_up(int(u_lens.max()), PAD_MULTIPLE)
@@ -780,33 +450,48 @@ def generate(
         pos[i, :gen_length] = p_lens[i] + u_lens[i] + np.arange(gen_length)
         pos[i, gen_length:gen_length + len(ids)] = p_lens[i] + np.arange(len(ids))
 
-    plan = _Plan(config=config, sampler=sampler, policy=pol, gen_length=gen_length,
-                 steps=steps, block_length=block_length, reuse_depth=batch_depth,
-                 row_buckets=_row_buckets(gen_length + int(config.logits_shift)),
-                 fixed_order=fixed_order)
-    before = compile_count()
-    inputs = (jnp.asarray(own), jnp.asarray(pos), jnp.asarray(gen_length + u_lens),
-              *prefix_arrays)
+    loop = DenoiseLoop(config=config, sampler=sampler, policy=pol, gen_length=gen_length,
+                       steps=steps, block_length=block_length, reuse_depth=batch_depth,
+                       row_buckets=_row_buckets(gen_length + int(config.logits_shift)),
+                       fixed_order=fixed_order)
+    arrays = (jnp.asarray(own), jnp.asarray(pos), jnp.asarray(gen_length + u_lens))
     if mesh is not None:  # the batch on "data", prefix KV heads on "model" (sharding.py)
         from .sharding import shard_inputs
 
-        inputs = shard_inputs(mesh, config, *inputs)
-    tokens, nfe, rows, padded, refreshes, row_log, pad_log, n_fwd = _denoise(
-        params, plan, *inputs,
-        _Controls(key, jnp.int32(refresh_interval), jnp.int32(window_size or 0), order))
-    tokens, n_fwd = np.asarray(tokens), int(n_fwd)
+        *arrays, pk, pv, pi, ph, pl = shard_inputs(
+            mesh, config, *arrays, *(prefix if prefix is not None else (None,) * 5))
+        prefix = None if prefix is None else PrefixInputs(pk, pv, pi, ph, pl)
+    inputs = Inputs(*arrays, prefix=prefix, key=key, refresh_interval=jnp.int32(refresh_interval),
+                    window_size=jnp.int32(window_size or 0), order=order)
+    return _Call(loop, inputs, store, p_lens, depths, store_rows, started, compile_count())
+
+
+def _finish(call: _Call, out: denoise.Outputs) -> GenerateOutput:
+    """The host-side result of a finished loop."""
+    n_fwd = int(out.forwards)
+    prefix = call.inputs.prefix
+    deep = 0 if prefix is None or not call.loop.refreshes else (
+        2 * (call.loop.config.n_layers - call.loop.reuse_depth) * prefix.length.shape[0]
+        * prefix.k[0, 0].size * prefix.k.dtype.itemsize)
     stats = {
-        "rows_computed": np.asarray(rows), "rows_padded": np.asarray(padded),
-        "rows_per_forward": np.asarray(row_log)[:, :n_fwd],
-        "padded_per_forward": np.asarray(pad_log)[:, :n_fwd],
-        "refreshes": np.asarray(refreshes), "prefix_len": p_lens, "reuse_depth": depths,
-        "batch_reuse_depth": batch_depth, "store_rows_computed": store_rows,
-        "seconds": time.perf_counter() - start, "compiles": compile_count() - before,
+        # the batch's prefix KV on the device: the store entries (once per distinct
+        # prefix) and the per-request deep KV of the last refresh
+        "prefix_cache_bytes": deep + (0 if prefix is None else sum(
+            int(a.nbytes) for a in (prefix.k, prefix.v, prefix.hidden) if a is not None)),
+        "rows_computed": np.asarray(out.rows), "rows_padded": np.asarray(out.padded),
+        "rows_per_forward": np.asarray(out.row_log)[:, :n_fwd],
+        "padded_per_forward": np.asarray(out.pad_log)[:, :n_fwd],
+        "refreshes": np.asarray(out.refreshes), "prefix_len": call.prefix_len,
+        "reuse_depth": call.depths, "batch_reuse_depth": call.loop.reuse_depth,
+        "store_rows_computed": call.store_rows,
+        "seconds": time.perf_counter() - call.started,
+        "compiles": compile_count() - call.compiles_before,
     }
-    if order is not None:
-        stats["decode_order"] = np.asarray(order)
-    return GenerateOutput(tokens=tokens, nfe=np.asarray(nfe), stats=stats, cache=store)
+    if call.inputs.order is not None:
+        stats["decode_order"] = np.asarray(call.inputs.order)
+    return GenerateOutput(tokens=np.asarray(out.tokens), nfe=np.asarray(out.nfe), stats=stats,
+                          cache=call.store)
 
 
-__all__ = ["GenerateOutput", "Prompt", "compile_count", "compute_prefix_entry", "generate",
-           "greedy_window", "lookup_depth", "prefix_ratio"]
+__all__ = ["GenerateOutput", "Prompt", "StreamStep", "compile_count", "compute_prefix_entry",
+           "generate", "generate_stream", "greedy_window", "lookup_depth", "prefix_ratio"]

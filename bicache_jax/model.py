@@ -43,18 +43,28 @@ Params = dict
 
 
 class PrefixKV(NamedTuple):
-    """Prefix state handed to `forward_rows` (a pytree; batch-major, layers stacked).
+    """Prefix state handed to `forward_rows` (a pytree; layers stacked).
 
-    k, v:    [L, B, P, Hkv, D]  K (after RoPE) and V of the prefix rows, per layer. Only
-             layers `< reuse_depth` are read.
-    hidden:  [B, P, d] the prefix hidden state at the reuse depth (input of layer b), or
-             None when `reuse_depth == L`.
-    length:  [B] valid prefix rows per request.
+    The store's K/V are shared by the requests that have the same prefix: `k`, `v` hold one
+    entry per distinct prefix of the batch and `index` says which one each request reads,
+    so a prefix that the whole batch shares is held and read once, not once per request.
+
+    k, v:     [Ls, S, P, Hkv, D] K (after RoPE) and V of the first Ls layers of the S
+              distinct prefixes (Ls is static: the array's length).
+    index:    [B] the entry each request reads (None: S == B, entry b for request b).
+    deep_k, deep_v: [L - Ls, B, P, Hkv, D] per-request K/V of layers Ls..L-1 (BiCache:
+              the last refresh's), or None when Ls == L.
+    hidden:   [S, P, d] the prefix hidden state entering layer `reuse_depth` (indexed like
+              `k`), or None when `reuse_depth == L`.
+    length:   [B] valid prefix rows per request.
     """
 
-    k: Float[Array, "layers batch prefix kv_heads dim"]
-    v: Float[Array, "layers batch prefix kv_heads dim"]
-    hidden: Float[Array, "batch prefix d_model"] | None
+    k: Float[Array, "layers distinct prefix kv_heads dim"]
+    v: Float[Array, "layers distinct prefix kv_heads dim"]
+    index: Int[Array, " batch"] | None
+    deep_k: Float[Array, "deep_layers batch prefix kv_heads dim"] | None
+    deep_v: Float[Array, "deep_layers batch prefix kv_heads dim"] | None
+    hidden: Float[Array, "distinct prefix d_model"] | None
     length: Int[Array, " batch"]
 
 
@@ -123,8 +133,10 @@ def _write_rows(buffer: Array, rows: Array, slots: Int[Array, "batch rows"]) -> 
 
 
 def _layer(lp: Params, x_prefix: Array | None, x_own: Array, *, config: ModelConfig,
-           prefix_pos, prefix_kv_l, prefix_len, own_pos, own_buffer_l, own_rows, own_len):
-    """One transformer block over (optionally) the prefix rows and the computed own rows."""
+           prefix_pos, prefix_kv_l, prefix_len, own_pos, own_buffer_l, own_rows, own_len,
+           prefix_index=None):
+    """One transformer block over (optionally) the prefix rows and the computed own rows.
+    `prefix_index` [B]: the row of `prefix_kv_l` each request reads (shared entries)."""
     h_own = rms_norm(x_own, lp["attn_norm"], config.norm_eps)
     q, k, v = _qkv(lp, config, h_own, own_pos)
     if x_prefix is None:
@@ -134,12 +146,14 @@ def _layer(lp: Params, x_prefix: Array | None, x_own: Array, *, config: ModelCon
         h_pre = rms_norm(x_prefix, lp["attn_norm"], config.norm_eps)
         pq, pk, pv = _qkv(lp, config, h_pre, prefix_pos)
         queries = jnp.concatenate([pq, q], axis=1)
+        prefix_index = None  # computed rows: one per request
     if own_buffer_l is None:
         fk, fv = k, v
     else:
         fk = _write_rows(own_buffer_l[0], k, own_rows)
         fv = _write_rows(own_buffer_l[1], v, own_rows)
-    out = attention(queries, pk, pv, prefix_len, fk, fv, own_len, impl=config.attention_impl)
+    out = attention(queries, pk, pv, prefix_len, fk, fv, own_len, impl=config.attention_impl,
+                    cached_index=prefix_index)
     out = out.reshape(*out.shape[:2], config.q_dim) @ lp["wo"]
     x_all = x_own if x_prefix is None else jnp.concatenate([x_prefix, x_own], axis=1)
     x_all = x_all + out.astype(x_all.dtype)
@@ -184,12 +198,15 @@ def forward_rows(
       own_len: valid own positions per request (keys `>= own_len` are masked). When
         `own_kv` is given this indexes the buffer; otherwise the computed rows themselves.
       prefix: the prefix state (see `PrefixKV`), or None for a request with no prefix
-        segment. Layers `< reuse_depth` read `prefix.k/v`; layers `>= reuse_depth`
+        segment. Layers `< reuse_depth` read the cached prefix K/V (the shared store's in
+        layers `< Ls`, the per-request `deep_k/v` above); layers `>= reuse_depth`
         recompute the prefix rows from `prefix.hidden` at positions `prefix_pos`.
       reuse_depth: static b in 0..L.
       own_kv: per-request buffer of own K/V (all layers). The computed rows' K/V are written
         at slots `own_rows` before attention; other slots keep their cached values.
       own_rows: [B, T] buffer slot of each computed row (out-of-range = padding row).
+      return_prefix_kv: also return the prefix K/V computed in layers >= b.
+      return_own_kv: also return the own K/V of every layer.
     """
     L = config.n_layers
     if not 0 <= reuse_depth <= L:
@@ -200,37 +217,54 @@ def forward_rows(
     x_own = embed(params, own_tokens)
     if prefix is None:
         empty = jnp.zeros((L, batch, 0, config.n_kv_heads, config.head_dim), x_own.dtype)
-        prefix = PrefixKV(empty, empty, None, jnp.zeros((batch,), jnp.int32))
+        prefix = PrefixKV(empty, empty, None, None, None, None, jnp.zeros((batch,), jnp.int32))
         reuse_depth = L
-    if reuse_depth < L and (prefix.hidden is None or prefix_pos is None):
+    b, shared = reuse_depth, prefix.k.shape[0]
+    if b < L and (prefix.hidden is None or prefix_pos is None):
         raise ValueError("reuse_depth < L needs prefix.hidden and prefix_pos")
+    if b > shared and prefix.deep_k is None:
+        raise ValueError(f"reuse_depth {b} reads layers {shared}..{b - 1} of the prefix: "
+                         f"it needs prefix.deep_k/deep_v")
     layer_fn = functools.partial(_layer, config=config, prefix_pos=prefix_pos,
                                  prefix_len=prefix.length, own_pos=own_pos,
                                  own_rows=own_rows, own_len=own_len)
+    buffers = None if own_kv is None else (own_kv.k, own_kv.v)
 
-    def shallow(x, xs):
-        lp, pk, pv, buf = xs
-        _, x, _, fkv = layer_fn(lp, None, x, prefix_kv_l=(pk, pv), own_buffer_l=buf)
-        return x, fkv
+    def layer_range(start, stop):
+        return (_slice_layers(params["layers"], start, stop),
+                None if buffers is None else _slice_layers(buffers, start, stop))
 
-    def deep(carry, xs):
+    def reading(index):
+        def body(x, xs):
+            (lp, buf), pk, pv = xs
+            _, x, _, fkv = layer_fn(lp, None, x, prefix_kv_l=(pk, pv), own_buffer_l=buf,
+                                    prefix_index=index)
+            return x, fkv
+        return body
+
+    def computing(carry, xs):
         lp, buf = xs
         xp, x = carry
         xp, x, pkv, fkv = layer_fn(lp, xp, x, prefix_kv_l=None, own_buffer_l=buf)
         return (xp, x), (pkv, fkv)
 
-    b = reuse_depth
-    buffers = None if own_kv is None else (own_kv.k, own_kv.v)
+    # Layers [0, min(b, Ls)) read the shared store, [Ls, b) the per-request deep K/V,
+    # [b, L) compute the prefix rows.
     own_out = []
-    x_own, fkv = jax.lax.scan(shallow, x_own, (
-        _slice_layers(params["layers"], 0, b), prefix.k[:b], prefix.v[:b],
-        None if buffers is None else _slice_layers(buffers, 0, b)))
+    n_shared = min(b, shared)
+    x_own, fkv = jax.lax.scan(reading(prefix.index), x_own, (
+        layer_range(0, n_shared), prefix.k[:n_shared], prefix.v[:n_shared]))
     own_out.append(fkv)
+    if b > shared:
+        x_own, fkv = jax.lax.scan(reading(None), x_own, (
+            layer_range(shared, b), prefix.deep_k[:b - shared], prefix.deep_v[:b - shared]))
+        own_out.append(fkv)
     prefix_kv_out = None
     if b < L:
-        (_, x_own), (pkv, fkv) = jax.lax.scan(deep, (prefix.hidden, x_own), (
-            _slice_layers(params["layers"], b, L),
-            None if buffers is None else _slice_layers(buffers, b, L)))
+        hidden = prefix.hidden
+        if prefix.index is not None:  # the prefix rows diverge per request from here on
+            hidden = jnp.take(hidden, prefix.index, axis=0)
+        (_, x_own), (pkv, fkv) = jax.lax.scan(computing, (hidden, x_own), layer_range(b, L))
         own_out.append(fkv)
         prefix_kv_out = pkv
     hidden = rms_norm(x_own, params["final_norm"], config.norm_eps)

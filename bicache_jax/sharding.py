@@ -159,13 +159,16 @@ def batch_spec(mesh: Mesh, batch: int, ndim: int, batch_axis: int = 0,
 
 def shard_inputs(mesh: Mesh, config: ModelConfig, own_tokens: ArrayLike, own_pos: ArrayLike,
                  own_len: ArrayLike, prefix_k: ArrayLike | None = None,
-                 prefix_v: ArrayLike | None = None, prefix_hidden: ArrayLike | None = None,
+                 prefix_v: ArrayLike | None = None, prefix_index: ArrayLike | None = None,
+                 prefix_hidden: ArrayLike | None = None,
                  prefix_len: ArrayLike | None = None) -> tuple[jax.Array | None, ...]:
     """Place the denoise loop's per-call inputs on `mesh` (batch on "data").
 
-    own_tokens, own_pos: [B, R]; own_len, prefix_len: [B]; prefix_k, prefix_v:
-    [L, B, P, Hkv, D] (KV heads also on "model" when they divide it); prefix_hidden:
-    [B, P, d]. None entries stay None. This is the body of generate's `mesh=` hook.
+    own_tokens, own_pos: [B, R]; own_len, prefix_index, prefix_len: [B] (batch on
+    "data"); prefix_k, prefix_v: [b, S, P, Hkv, D], one entry per distinct prefix, read by
+    every request that has it: replicated over "data", KV heads on "model" when they
+    divide it; prefix_hidden: [S, P, d] replicated. None entries stay None. This is the
+    body of generate's `mesh=` hook.
     """
     _check_mesh(mesh)
     batch = int(np.shape(own_tokens)[0])
@@ -177,10 +180,11 @@ def shard_inputs(mesh: Mesh, config: ModelConfig, own_tokens: ArrayLike, own_pos
 
     rows = batch_spec(mesh, batch, 2)
     vec = batch_spec(mesh, batch, 1)
-    kv = batch_spec(mesh, batch, 5, batch_axis=1, heads_axis=3, heads=config.n_kv_heads)
+    heads = MODEL if config.n_kv_heads % mesh.shape[MODEL] == 0 else None
+    kv = P(None, None, None, heads, None)
     return (put(own_tokens, rows), put(own_pos, rows), put(own_len, vec),
-            put(prefix_k, kv), put(prefix_v, kv), put(prefix_hidden, batch_spec(mesh, batch, 3)),
-            put(prefix_len, vec))
+            put(prefix_k, kv), put(prefix_v, kv), put(prefix_index, vec),
+            put(prefix_hidden, P()), put(prefix_len, vec))
 
 
 # ----------------------------------------------------------------------------- attention

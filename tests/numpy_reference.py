@@ -91,3 +91,57 @@ def sharp_params(config, seed=0):
         return (scale * rng.standard_normal(a.shape) / np.sqrt(fan_in)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(draw, params)
+
+
+def numpy_forward_rows(params, config, tokens, computed, cached_kv=None, hidden_in=None,
+                       length=None):
+    """A float64 forward that computes, at each layer l, only the rows `computed[l]` [T];
+    every other row's K/V at layer l is `cached_kv[l]` (K, V [T, Hkv, D], K after RoPE).
+    A row computed at layer l but not at l - 1 enters layer l with `hidden_in[l][row]` (the
+    state a cache holds for it). Positions are the row indices; keys `>= length` masked.
+
+    Returns (logits [T, V] of the rows computed at the last layer (others zero), K [L, T,
+    Hkv, D] and V with the fresh values at computed rows and the cached ones elsewhere,
+    and the hidden state entering every layer [L, T, d] at computed rows)."""
+    p = {k: np.asarray(v, np.float64) for k, v in params["layers"].items()}
+    tokens = np.asarray(tokens)
+    t, n_layers = len(tokens), config.n_layers
+    computed = np.broadcast_to(np.asarray(computed, bool), (n_layers, t))
+    valid = np.arange(t) < (t if length is None else length)
+    hq, hkv, d = config.n_heads, config.n_kv_heads, config.head_dim
+    x = np.asarray(params["embed"], np.float64)[tokens]
+    pos = np.arange(t, dtype=np.float64)
+    ks = np.zeros((n_layers, t, hkv, d))
+    vs = np.zeros((n_layers, t, hkv, d))
+    hidden = np.zeros((n_layers, t, x.shape[-1]))
+    for layer in range(n_layers):
+        rows = computed[layer]
+        enter = rows & ~computed[layer - 1] if layer > 0 else np.zeros(t, bool)
+        if enter.any():
+            x[enter] = np.asarray(hidden_in[layer], np.float64)[enter]
+        hidden[layer][rows] = x[rows]
+        h = _rms(x, p["attn_norm"][layer], config.norm_eps)
+        q, k, v = h @ p["wq"][layer], h @ p["wk"][layer], h @ p["wv"][layer]
+        if config.qkv_bias:
+            q, k, v = q + p["bq"][layer], k + p["bk"][layer], v + p["bv"][layer]
+        q = _rope(q.reshape(t, hq, d), pos, config.rope_theta)
+        k = _rope(k.reshape(t, hkv, d), pos, config.rope_theta)
+        v = v.reshape(t, hkv, d)
+        if cached_kv is not None:
+            k[~rows], v[~rows] = cached_kv[0][layer][~rows], cached_kv[1][layer][~rows]
+        ks[layer], vs[layer] = k, v
+        out = np.zeros((t, hq, d))
+        for head in range(hq):
+            kh = head // (hq // hkv)
+            s = np.where(valid[None, :], q[:, head] @ k[:, kh].T / np.sqrt(d), -np.inf)
+            s = np.exp(s - s.max(axis=-1, keepdims=True))
+            out[:, head] = (s / s.sum(axis=-1, keepdims=True)) @ np.where(
+                valid[:, None], v[:, kh], 0)
+        x_new = x + out.reshape(t, hq * d) @ p["wo"][layer]
+        h = _rms(x_new, p["mlp_norm"][layer], config.norm_eps)
+        gate = h @ p["w_gate"][layer]
+        x_new = x_new + (gate / (1 + np.exp(-gate)) * (h @ p["w_up"][layer])) @ p["w_down"][layer]
+        x = np.where(rows[:, None], x_new, x)
+    x = _rms(x, np.asarray(params["final_norm"], np.float64), config.norm_eps)
+    logits = np.where(computed[-1][:, None], x @ np.asarray(params["lm_head"], np.float64), 0)
+    return logits, ks, vs, hidden

@@ -314,16 +314,17 @@ def test_dkv_decode_rows_follow_the_published_schedule(models):
 
 @pytest.mark.parametrize("name", ["llada_gqa", "dream"])
 def test_bicache_dual_depth0_decoding_at_block_start_equals_fastdllm_dual(models, name):
-    """With b = 0 and a refresh at every block start, BiCache's prefix KV is the block-start
-    forward's: decoding from that forward gives exactly Fast-dLLM's dual cache."""
+    """With b = 0 and a refresh at every block start (N = steps per block), BiCache's prefix
+    KV is the block-start forward's: decoding from that forward gives exactly Fast-dLLM's
+    dual cache."""
     prompts = _requests(models[name][0], seed=3)
     fast = _run(models[name], prompts, policy="fastdllm_dual")
     both = _run(models[name], prompts, policy="bicache_dual", reuse_depth=0,
-                refresh_interval=1, decode_on_block_start=True)
+                refresh_interval=4, decode_on_block_start=True)
     np.testing.assert_array_equal(both.tokens, fast.tokens)
     np.testing.assert_array_equal(both.nfe, fast.nfe)
     official = _run(models[name], prompts, policy="bicache_dual", reuse_depth=0,
-                    refresh_interval=1)
+                    refresh_interval=4)
     assert official.nfe.tolist() == [10, 10, 10]  # 2 blocks x (1 cache forward + 4 steps)
     with pytest.raises(ValueError, match="decode_on_block_start"):
         _run(models[name], prompts, policy="bicache", reuse_depth=0,

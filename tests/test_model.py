@@ -64,11 +64,37 @@ def test_cached_forward_equals_full_forward_at_every_depth(model, depth_offset):
     full_logits = forward(params, cfg, tokens)
     # K, V and layer inputs of the whole sequence, taken at the prefix rows.
     full = encode_prefix(params, cfg, tokens, jnp.array([p + t, p + t]))
-    prefix = PrefixKV(full.k[:, :, :p], full.v[:, :, :p],
+    prefix = PrefixKV(full.k[:, :, :p], full.v[:, :, :p], None, None, None,
                       None if b == cfg.n_layers else full.hidden[b, :, :p],
                       jnp.array([p, p]))
     cached = forward(params, cfg, tokens[:, p:], prefix=prefix, reuse_depth=b)
     assert rel_err(cached, full_logits[:, p:]) <= 1e-5
+    # The same KV split into a shared part (layers < 1) and per-request deep layers.
+    if b >= 1:
+        split = PrefixKV(full.k[:1, :, :p], full.v[:1, :, :p], None, full.k[1:, :, :p],
+                         full.v[1:, :, :p], prefix.hidden, prefix.length)
+        got = forward(params, cfg, tokens[:, p:], prefix=split, reuse_depth=b)
+        assert rel_err(got, full_logits[:, p:]) <= 1e-5
+
+
+@pytest.mark.parametrize("depth", [0, 2, 3])
+def test_one_shared_prefix_entry_equals_one_copy_per_request(model, depth):
+    """A prefix the batch shares, held once (`index`), gives the per-request copies'
+    logits exactly."""
+    cfg, params = model
+    p = 6
+    prefix_ids = jax.random.randint(jax.random.key(6), (1, p), 0, cfg.vocab_size)
+    own = jax.random.randint(jax.random.key(7), (3, 5), 0, cfg.vocab_size)
+    entry = encode_prefix(params, cfg, prefix_ids, jnp.array([p]))
+    hidden = None if depth == cfg.n_layers else entry.hidden[depth]
+    lengths = jnp.array([p, p, p])
+    once = PrefixKV(entry.k, entry.v, jnp.zeros((3,), jnp.int32), None, None, hidden,
+                    lengths)
+    tile = lambda a: None if a is None else jnp.repeat(a, 3, axis=-4 if a.ndim == 5 else 0)  # noqa: E731
+    copies = PrefixKV(tile(entry.k), tile(entry.v), None, None, None, tile(hidden), lengths)
+    a = forward(params, cfg, own, prefix=once, reuse_depth=depth)
+    b = forward(params, cfg, own, prefix=copies, reuse_depth=depth)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_block_rows_with_all_layer_cache_equal_full_forward(model):
@@ -100,12 +126,12 @@ def test_prefix_entry_reuse_depth_zero_and_L_limits(model):
     p, t = 5, 4
     tokens = jax.random.randint(jax.random.key(5), (1, p + t), 0, cfg.vocab_size)
     entry = encode_prefix(params, cfg, tokens[:, :p], jnp.array([p]))
-    prefix0 = PrefixKV(entry.k, entry.v, entry.hidden[0], jnp.array([p]))
+    prefix0 = PrefixKV(entry.k, entry.v, None, None, None, entry.hidden[0], jnp.array([p]))
     full_logits = forward(params, cfg, tokens)
     got = forward(params, cfg, tokens[:, p:], prefix=prefix0, reuse_depth=0)
     assert rel_err(got, full_logits[:, p:]) <= 1e-5
     naive = forward(params, cfg, tokens[:, p:],
-                    prefix=PrefixKV(entry.k, entry.v, None, jnp.array([p])))
+                    prefix=PrefixKV(entry.k, entry.v, None, None, None, None, jnp.array([p])))
     assert np.all(np.isfinite(naive))
     # Stale prefix KV visibly changes the result (well above float32 noise of ~1e-7).
     assert rel_err(naive, full_logits[:, p:]) > 1e-5
@@ -115,6 +141,6 @@ def test_reuse_depth_out_of_range_is_an_error(model):
     cfg, params = model
     tokens = jnp.zeros((1, 3), jnp.int32) + 1
     entry = encode_prefix(params, cfg, tokens, jnp.array([3]))
-    prefix = PrefixKV(entry.k, entry.v, entry.hidden[0], jnp.array([3]))
+    prefix = PrefixKV(entry.k, entry.v, None, None, None, entry.hidden[0], jnp.array([3]))
     with pytest.raises(ValueError, match="reuse_depth"):
         forward(params, cfg, tokens, prefix=prefix, reuse_depth=cfg.n_layers + 1)
