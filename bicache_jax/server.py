@@ -37,7 +37,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import importlib
 import json
 import math
 import signal
@@ -504,10 +503,6 @@ class App:
             raise APIError(400, "only n = 1 is supported (send n requests instead)",
                            param="n", code="invalid_value")
         stream = _get(body, "stream", (bool,), "a boolean") or False
-        if stream and not _streaming_available():
-            raise APIError(400, "stream: true is not available in this build (it needs "
-                           "bicache_jax.generate.generate_stream)", param="stream",
-                           code="unsupported_value")
         options = _get(body, "stream_options", (dict,), "an object") or {}
         include_usage = _get(options, "include_usage", (bool,), "a boolean") or False
         _get(body, "user", (str,), "a string")
@@ -720,10 +715,6 @@ class _TextStream:
         delta = visible[len(self.sent):end] if visible.startswith(self.sent) else ""
         self.sent += delta
         return delta
-
-
-def _streaming_available() -> bool:
-    return hasattr(importlib.import_module("bicache_jax.generate"), "generate_stream")
 
 
 def _head(prefix: str, obj: str, model: str) -> dict:

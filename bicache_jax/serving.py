@@ -58,6 +58,7 @@ from .generate import (
     _validate,
     compile_count,
     generate,
+    generate_stream,
     lookup_depth,
     prefix_ratio,
 )
@@ -481,8 +482,6 @@ class Engine:
                       kwargs: dict) -> GenerateOutput:
         """Run a batch block by block, handing each streaming request its canvas after
         every finished block; the last step's output is the batch's output."""
-        from .generate import generate_stream  # lands with the block-wise denoise loop
-
         out = None
         for step in generate_stream(self.params, prompts, cache, **kwargs):
             tokens = np.asarray(step.tokens)

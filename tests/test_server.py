@@ -25,7 +25,6 @@ from server_fixtures import EOS_ID, WORDS, chat_model_folder
 from bicache_jax.generate import Prompt, generate
 from bicache_jax.server import (
     ServerSettings,
-    _streaming_available,
     create_app,
     load_served_model,
     uvicorn_server,
@@ -170,7 +169,6 @@ def test_concurrent_requests_match_generate_alone(server, model):
     assert len({tuple(b["bicache"]["tokens"]) for b in bodies}) > 4, "degenerate model"
 
 
-@pytest.mark.skipif(not _streaming_available(), reason="generate_stream has not landed")
 def test_streaming_one_event_per_block_then_done(client, model):
     messages = chat("w9 w10")
     plain = client.post("/v1/chat/completions", json={"messages": messages, **GEN}).json()

@@ -3,7 +3,6 @@ store, per-request failures."""
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import jax
@@ -227,8 +226,6 @@ def test_a_failing_batch_fails_alone(params, monkeypatch):
     assert engine.stats.failed == 2 and engine.stats.batches == 2
 
 
-@pytest.mark.skipif(not hasattr(importlib.import_module("bicache_jax.generate"),
-                                "generate_stream"), reason="generate_stream has not landed")
 def test_on_block_hands_back_each_finished_block(params):
     """A streaming request gets its canvas after every block; its batch (streaming or not)
     decodes exactly as `generate` does."""
