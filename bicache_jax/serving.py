@@ -23,6 +23,9 @@ iterator) and yields one `RequestResult` per request as its batch finishes;
   `EngineStats.signatures` the distinct static shapes dispatched.
 * **Prefix store.** One `PrefixStore` lives across batches (every store policy reads the
   same prefix-alone entries); its token budget bounds its memory (LRU eviction).
+* **Streaming.** A batch holding a request with `on_block` runs through
+  `generate_stream` (the same tokens as `generate`), and each such request is handed its
+  canvas after every finished block; the others in the batch are served as usual.
 * **Bounded memory.** At most `max_pending` requests wait (the group holding the oldest
   one is dispatched when the limit is hit, or when that one has waited `max_wait_s`);
   results are yielded, not kept; the store obeys its budget; compiled programs are
