@@ -53,11 +53,27 @@ def learnability_section(path: Path) -> str:
             "masked.\n\n" + learnability.markdown_table(result) + "\n")
 
 
+def serve_load_section(path: Path) -> str:
+    import serve_load
+
+    result = json.loads(path.read_text())
+    s = result["settings"]
+    return (f"### Serving under load: `{path.name}`\n\nDevice {result['device']['device_kind']}"
+            f" ({result['device']['platform']}), jax {result['jax_version']}, commit "
+            f"`{result['git_commit'][:10]}`, model `{result['model']}` ({result['weights']}); "
+            f"{s['clients']} concurrent clients, {s['histories']} shared histories, system "
+            f"prompt {s['system_words']} words, shared prefix "
+            f"{100 * result['prefix_share']:.0f}% of the context, max_tokens "
+            f"{s['max_tokens']}, block {s['block_length']}, max batch {s['max_batch']}.\n\n"
+            + serve_load.markdown_table(result) + "\n")
+
+
 def main() -> None:
     results = ROOT / "benchmarks" / "results"
     parts = [throughput_section(p) for p in sorted(results.glob("throughput_*.json"))]
     parts += [eval_section(p) for p in sorted(results.glob("eval_*.json"))]
     parts += [learnability_section(p) for p in sorted(results.glob("learnability_*.json"))]
+    parts += [serve_load_section(p) for p in sorted(results.glob("serve_load_*.json"))]
     readme = ROOT / "README.md"
     text = readme.read_text()
     before, rest = text.split(START)

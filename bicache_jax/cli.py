@@ -9,6 +9,8 @@
   bicache-jax bench --scale cpu          throughput sweep of every policy
   bicache-jax eval                       accuracy of every policy on the task suite
   bicache-jax train --out DIR            train the small default model
+  bicache-jax serve [--model M]          OpenAI-compatible HTTP server (chat, completions,
+                                         streaming, /metrics)
 
 Run `bicache-jax COMMAND --help` for each command's options.
 """
@@ -16,6 +18,7 @@ Run `bicache-jax COMMAND --help` for each command's options.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -198,6 +201,27 @@ def cmd_demo(args) -> int:
     return run_demo(model=args.model, requests=args.requests)
 
 
+def cmd_serve(args) -> int:
+    from .checkpoint import DEFAULT_MODEL
+    from .server import ServerSettings, load_served_model, random_model, serve
+
+    if args.model is None and not DEFAULT_MODEL.exists():
+        print("No trained default model found: serving a small RANDOM-WEIGHT model on the "
+              "task suite's tokenizer (its replies are noise; pass --model PATH).",
+              file=sys.stderr)
+        model = random_model(args.seed)
+    else:
+        model = load_served_model(args.model or DEFAULT_MODEL)
+    if args.model_name:
+        model = dataclasses.replace(model, name=args.model_name)
+    settings = ServerSettings(
+        policy=args.policy, max_batch=args.max_batch, store_budget=args.store_budget,
+        max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
+        block_length=args.block_length, reuse_depth=args.reuse_depth,
+        batch_window_s=args.batch_window_ms / 1000, max_queue=args.max_queue, seed=args.seed)
+    return serve(model, settings, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def cmd_bench(argv: list[str]) -> int:
     from .bench import main as bench_main
 
@@ -272,6 +296,35 @@ def build_parser() -> argparse.ArgumentParser:
                                  "`bj.load(MODEL)` finds it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing table")
     p.set_defaults(func=cmd_profile)
+
+    p = command("serve", "OpenAI-compatible HTTP server")
+    p.add_argument("--model", help="checkpoint or HF folder with tokenizer.json (None: the "
+                   "shipped default model)")
+    p.add_argument("--model-name", help="the model id clients send (None: the folder name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int_in(1, 65535), default=8000, help="port to listen on")
+    p.add_argument("--policy", default="bicache_dual", choices=sorted(POLICIES),
+                   metavar="POLICY", help="default cache policy: " + ", ".join(sorted(POLICIES)))
+    p.add_argument("--max-batch", type=int_in(1), default=8, help="largest batch")
+    p.add_argument("--store-budget", type=int_in(1), default=5000,
+                   help="prefix store budget in tokens")
+    p.add_argument("--max-tokens", type=int_in(1), default=32, help="default max_tokens")
+    p.add_argument("--max-tokens-limit", type=int_in(1), default=1024,
+                   help="the most max_tokens a request may ask")
+    p.add_argument("--block-length", type=int_in(1), default=32,
+                   help="default semi-autoregressive block (one SSE event each)")
+    p.add_argument("--reuse-depth", type=int_in(0), default=None,
+                   help="BiCache depth when the model has no profiler table (None: half "
+                        "the layers)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="wait this long for requests to batch with the first")
+    p.add_argument("--max-queue", type=int_in(1), default=256,
+                   help="requests waiting before 429")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampler")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    p.set_defaults(func=cmd_serve)
 
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)  # listed in --help; see main

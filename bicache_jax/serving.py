@@ -23,6 +23,9 @@ iterator) and yields one `RequestResult` per request as its batch finishes;
   `EngineStats.signatures` the distinct static shapes dispatched.
 * **Prefix store.** One `PrefixStore` lives across batches (every store policy reads the
   same prefix-alone entries); its token budget bounds its memory (LRU eviction).
+* **Streaming.** A batch holding a request with `on_block` runs through
+  `generate_stream` (the same tokens as `generate`), and each such request is handed its
+  canvas after every finished block; the others in the batch are served as usual.
 * **Bounded memory.** At most `max_pending` requests wait (the group holding the oldest
   one is dispatched when the limit is hit, or when that one has waited `max_wait_s`);
   results are yielded, not kept; the store obeys its budget; compiled programs are
@@ -53,10 +56,12 @@ import numpy as np
 from .config import ModelConfig
 from .generate import (
     PAD_MULTIPLE,
+    GenerateOutput,
     Prompt,
     _validate,
     compile_count,
     generate,
+    generate_stream,
     lookup_depth,
     prefix_ratio,
 )
@@ -90,6 +95,10 @@ class Request:
       generate_kwargs: further keyword arguments of `generate` that apply to a whole batch
         (e.g. `window_size`), as a dict of hashable values; part of the grouping key.
       request_id: any caller tag, echoed in the result.
+      on_block: called as `on_block(block, tokens)` after each finished semi-autoregressive
+        block, with this request's canvas [gen_length] (later blocks still hold the mask
+        id); its batch then runs through `generate_stream`. Called on the engine's thread:
+        it must be quick and must not raise (it would fail the whole batch).
 
     At temperature 0 with a confidence-based remasking a request decodes exactly as it
     would alone; samplers that draw from the PRNG key (temperature > 0, random
@@ -109,6 +118,8 @@ class Request:
     refresh_interval: int | None = None
     generate_kwargs: Any = dataclasses.field(default=None, compare=False)
     request_id: Any = None
+    on_block: Callable[[int, np.ndarray], None] | None = dataclasses.field(
+        default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass
@@ -292,6 +303,11 @@ class Engine:
 
     # ------------------------------------------------------------------------- validation
 
+    def check(self, request: Request) -> None:
+        """Raise ValueError if `serve` would reject `request` (the same per-request checks),
+        so a front end can refuse it before queueing it."""
+        self._prepare(0, request, self.clock())
+
     def _prepare(self, index: int, req: Request, arrival: float) -> _Item:
         """Resolve and check one request (raises ValueError with a clear message)."""
         if not isinstance(req, Request):
@@ -363,6 +379,8 @@ class Engine:
                 else:
                     raise ValueError(f"policy {policy.name!r} needs a reuse depth: set "
                                      f"reuse_depth or give the engine a depth_table")
+        if req.on_block is not None and self.mesh is not None:
+            raise ValueError("streaming (on_block) is not supported with a mesh")
         group = (policy.name, sampler, gen_length, steps, block_length, refresh, depth,
                  extra_key)
         return _Item(index, req, prompt, prefix, policy, sampler, steps, block_length, refresh,
@@ -402,7 +420,10 @@ class Engine:
         before = compile_count()
         start = self.clock()
         try:
-            if self.mesh is not None:
+            streams = [it.request.on_block for it in items]
+            if any(streams):
+                out = self._stream_batch(prompts, cache, streams, kwargs)
+            elif self.mesh is not None:
                 from .sharding import generate_sharded
 
                 out = generate_sharded(self.params, prompts, cache, mesh=self.mesh, **kwargs)
@@ -459,6 +480,20 @@ class Engine:
                                     store_tokens=self.store.tokens_held,
                                     store_entries=len(self.store)))
         return results
+
+    def _stream_batch(self, prompts: list[Prompt], cache: PrefixStore | None,
+                      streams: list[Callable[[int, np.ndarray], None] | None],
+                      kwargs: dict) -> GenerateOutput:
+        """Run a batch block by block, handing each streaming request its canvas after
+        every finished block; the last step's output is the batch's output."""
+        out = None
+        for step in generate_stream(self.params, prompts, cache, **kwargs):
+            tokens = np.asarray(step.tokens)
+            for i, on_block in enumerate(streams):
+                if on_block is not None:
+                    on_block(step.block, tokens[i])
+            out = step.output
+        return out
 
     def _dispatch(self, items: list[_Item]) -> Iterator[RequestResult]:
         for start in range(0, len(items), self.max_batch):

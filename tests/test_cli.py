@@ -19,7 +19,7 @@ def run(*args, cwd=None):
 
 def test_help_lists_every_command():
     out = run("--help").stdout
-    for cmd in ("demo", "generate", "convert", "profile", "bench", "eval", "train"):
+    for cmd in ("demo", "generate", "convert", "profile", "bench", "eval", "train", "serve"):
         assert cmd in out
 
 

@@ -228,3 +228,29 @@ def test_a_failing_batch_fails_alone(params, monkeypatch):
     assert out[0].error == "RuntimeError: device lost" and out[2].error == out[0].error
     assert not np.any(out[1].tokens == CFG.mask_token_id)
     assert engine.stats.failed == 2 and engine.stats.batches == 2
+
+
+def test_on_block_hands_back_each_finished_block(params):
+    """A streaming request gets its canvas after every block; its batch (streaming or not)
+    decodes exactly as `generate` does."""
+    seen: dict[int, list] = {0: [], 2: []}
+
+    def hook(i):
+        return lambda block, tokens: seen[i].append((block, tokens.copy()))
+
+    requests = [Request(prompt=(1, 2, 3), on_block=hook(0), **GEN),
+                Request(prompt=(4, 5), **GEN),
+                Request(prompt=(6, 7, 8, 9), prefix=(10, 11), on_block=hook(2), **GEN)]
+    out = Engine(params, CFG, buckets=BUCKETS).run(requests)
+    assert len({r.bucket for r in out}) == 1  # one batch
+    block = GEN["block_length"]
+    for i, req in enumerate(requests):
+        alone = generate(params, [Prompt(prompt=req.prompt, prefix=req.prefix)], config=CFG,
+                         **GEN).tokens[0]
+        np.testing.assert_array_equal(out[i].tokens, alone)
+        if i in seen:
+            assert [b for b, _ in seen[i]] == [0, 1]
+            first, last = seen[i][0][1], seen[i][1][1]
+            np.testing.assert_array_equal(last, alone)
+            np.testing.assert_array_equal(first[:block], alone[:block])
+            assert np.all(first[block:] == CFG.mask_token_id)
