@@ -36,6 +36,34 @@ def throughput_section(path: Path) -> str:
         + bench.markdown_table(result).split("\n\n| pair")[0] + "\n\n</details>\n"
 
 
+def paired_section(path: Path) -> str:
+    result = json.loads(path.read_text())
+    s = result["settings"]
+    return (f"### Shared-prefix throughput, policies interleaved: `{path.name}`\n\n"
+            f"Device: {result['device']['device_kind']} ({result['machine']['cpu_count']} "
+            f"cores), jax {result['jax_version']}, commit `{result['git_commit'][:10]}`, model "
+            f"`{s['model']}` ({result['weights']}), gen_length {s['gen_length']}, "
+            f"{s['steps']} steps, blocks of {s['block_length']}, {s['repeats']} requests per "
+            f"policy, each repeat sending one request through every policy in turn; speedup ="
+            f" median of the per-repeat time ratios. Float32 matmul peak measured in the same "
+            f"run: {1000 * result['peak_tflops']:.0f} GFLOP/s. {result['flop_bound']}\n\n"
+            + bench.paired_markdown(result) + "\n")
+
+
+def prefix_memory_section(path: Path) -> str:
+    result = json.loads(path.read_text())
+    lines = ["| policy | reuse depth | prefix KV held (MiB) | one copy per request (MiB) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['policy']} | {r['reuse_depth']} | {r['prefix_cache_bytes'] / 2**20:.1f} "
+              f"| {r['per_request_layout_bytes'] / 2**20:.1f} |" for r in result["results"]]
+    return (f"### Prefix KV of a batch sharing one prefix: `{path.name}`\n\n"
+            f"Batch {result['batch']}, one {result['prefix_len']}-token prefix, model "
+            f"`{result['model']}` ({result['dtype']}), commit `{result['git_commit'][:10]}`. "
+            "The store entry is held once for the batch; BiCache adds the per-request deep "
+            "K/V its refreshes keep. The last column is the earlier layout, which gathered "
+            "the whole entry into every request's row.\n\n" + "\n".join(lines) + "\n")
+
+
 def eval_section(path: Path) -> str:
     result = json.loads(path.read_text())
     return (f"### Accuracy: `{path.name}`\n\n{result['n_instances']} held-out instances, "
@@ -70,7 +98,9 @@ def serve_load_section(path: Path) -> str:
 
 def main() -> None:
     results = ROOT / "benchmarks" / "results"
-    parts = [throughput_section(p) for p in sorted(results.glob("throughput_*.json"))]
+    parts = [paired_section(p) if "pairs" in json.loads(p.read_text()) else throughput_section(p)
+             for p in sorted(results.glob("throughput_*.json"))]
+    parts += [prefix_memory_section(p) for p in sorted(results.glob("prefix_memory_*.json"))]
     parts += [eval_section(p) for p in sorted(results.glob("eval_*.json"))]
     parts += [learnability_section(p) for p in sorted(results.glob("learnability_*.json"))]
     parts += [serve_load_section(p) for p in sorted(results.glob("serve_load_*.json"))]

@@ -43,7 +43,7 @@ import numpy as np
 
 from bicache_jax import tasks
 from bicache_jax.bench import _git_commit
-from bicache_jax.cli import DEFAULT_MODEL
+from bicache_jax.checkpoint import DEFAULT_MODEL
 from bicache_jax.generate import Prompt, generate
 from bicache_jax.policies import POLICIES as POLICY_TABLE
 from bicache_jax.prefix_store import PrefixStore

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -26,3 +29,24 @@ def test_toy_benchmark_writes_valid_json(tmp_path):
         assert row["compiles"] >= 0 and row["compile_s"] >= 0
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "bicache/none" in proc.stdout
+
+
+def test_paired_toy_benchmark_interleaves_and_reports_pairs(tmp_path):
+    out = tmp_path / "paired.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"),
+                           "--scale", "shared_toy", "--out", str(out), "--repeats", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "FLOPs of a request" in result["flop_bound"]
+    variants = {r["variant"] for r in result["results"]}
+    assert variants == {"none", "bicache", "fastdllm_dual", "bicache_dual"}
+    for row in result["results"]:
+        assert len(row["wall_s"]) == 2 and row["flops"] > 0 and row["tokens_per_s"] > 0
+    pairs = {p["pair"]: p for p in result["pairs"]}
+    assert set(pairs) == {"bicache/none", "bicache_dual/fastdllm_dual"}
+    for p in pairs.values():  # the median of the per-repeat ratios, beside the FLOP bound
+        assert len(p["ratios"]) == 2
+        assert p["speedup"] == pytest.approx(float(np.median(p["ratios"])))
+        assert p["flop_bound"] > 1.0  # both cached policies compute fewer rows
+    assert "FLOP bound" in proc.stdout

@@ -1,6 +1,6 @@
 """BiCache's official loops, step by step on the float64 numpy model, against `generate`.
 
-The reference follows the rules of ../docs/BICACHE.md §5-7 (the official engines): a
+The reference follows the rules of docs/BICACHE.md, "The method" (the official engines): a
 global decoding-step counter `t`; every step with `t % N == 0` is a refresh (the prefix
 rows are recomputed in layers >= b from the store's hidden state at depth b, attending to
 everything the step's rows see, and their K/V replace the cached deep prefix K/V); with
