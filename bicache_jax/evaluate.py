@@ -3,8 +3,9 @@
 Held-out instances (evaluation seeds, never seen in training) of every task family are
 served with each policy. Reported: exact-answer accuracy per policy, per family and per
 prefix-ratio bucket; fidelity against `none` (exact-answer agreement and token
-agreement); tokens/s. Results go to `benchmarks/results/` as JSON plus a PNG of accuracy
-vs prefix ratio per policy.
+agreement); how many distinct answers each policy gives (agreement means something only
+when the outputs vary with the request); tokens/s. Results go to `benchmarks/results/` as
+JSON plus a PNG of accuracy vs prefix ratio per policy.
 
 A model made by `bicache-jax train` (its `train_config.json` sets the lengths) is fed the
 suite's own ids; any other checkpoint or HF folder gets the suite's text rendered through
@@ -125,6 +126,7 @@ def run_eval(params, config, instances, settings: EvalSettings, depth_table,
         corr = np.asarray(res["correct"])
         row = {"policy": policy, "accuracy": res["accuracy"],
                "tokens_per_s": res["tokens_per_s"],
+               "distinct_answers": len({_answer(t, eos) for t in outputs[policy]}),
                "by_family": {f: float(np.mean(corr[[i.family == f for i in instances]]))
                              for f in families},
                "by_ratio": {}, "n_by_ratio": {}}
@@ -154,15 +156,16 @@ def run_eval(params, config, instances, settings: EvalSettings, depth_table,
 def markdown_table(result: dict) -> str:
     fams = result["families"]
     head = ("| policy | accuracy % | " + " | ".join(f"{f} %" for f in fams)
-            + " | answers = none % | tokens = none % | tokens/s |")
-    lines = [head, "|" + "---|" * (len(fams) + 5)]
+            + " | answers = none % | tokens = none % | distinct answers | tokens/s |")
+    lines = [head, "|" + "---|" * (len(fams) + 6)]
     for r in result["results"]:
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         lines.append(
             f"| {r['policy']} | {100 * r['accuracy']:.1f} | "
             + " | ".join(f"{100 * r['by_family'][f]:.1f}" for f in fams)
             + f" | {100 * r.get('answer_agreement_with_none', float('nan')):.1f}"
-            + f" | {100 * r.get('token_agreement_with_none', float('nan')):.1f} | {tps} |")
+            + f" | {100 * r.get('token_agreement_with_none', float('nan')):.1f}"
+            + f" | {r['distinct_answers']} of {result['n_instances']} | {tps} |")
     return "\n".join(lines)
 
 

@@ -29,8 +29,9 @@ uses seeds in `[0, EVAL_SEED_START)`, evaluation seeds `>= EVAL_SEED_START` (= 1
 Tokens: a word-level vocabulary of our own (`VOCAB`, ids fixed by construction) with the
 special tokens `<pad> <bos> <eos> <mask> <sep> <unk>`; `build_tokenizer` builds (and
 optionally writes) the matching `tokenizers` WordLevel `tokenizer.json`. Answers are
-followed by `<eos>` up to `gen_length` (default `GEN_LENGTH` = 8); `is_correct` scores a
-decoded canvas (tokens up to the first `<eos>` must equal the answer exactly).
+followed by `<eos>` up to `gen_length` (default `GEN_LENGTH` = 8; a canvas of exactly the
+answer's length has no `<eos>`); `is_correct` scores a decoded canvas (tokens up to the
+first `<eos>` must equal the answer exactly).
 
 `check_answer(prefix_text, prompt_text)` re-derives the answer by parsing the text alone;
 it shares no state with the generators and is what the tests check them against.
@@ -94,6 +95,11 @@ TOKEN_ID: dict[str, int] = {t: i for i, t in enumerate(VOCAB)}
 assert len(TOKEN_ID) == len(VOCAB), "vocabulary words must be distinct"
 VOCAB_SIZE = 320  # model vocabulary (>= len(VOCAB); the spare ids are never produced)
 assert len(VOCAB) <= VOCAB_SIZE
+# numpy arrays of the word lists: `rng.choice` / `rng.permutation` draw the same values
+# from an array as from the tuple, without converting the tuple on every call.
+_FILLER_ARR, _NAMES_ARR, _NUMBERS_ARR, _SYMBOLS_ARR = (
+    np.array(w) for w in (FILLER_WORDS, NAMES, NUMBERS, SYMBOLS))
+_ATTRIBUTE_ARRS = {k: np.array(v) for k, v in ATTRIBUTES.items()}
 
 PAD_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID, UNK_ID = (TOKEN_ID[t] for t in SPECIAL_TOKENS)
 
@@ -190,10 +196,11 @@ class Instance:
         return ids
 
     def response_ids(self, gen_length: int = GEN_LENGTH) -> tuple[int, ...]:
-        """The training target of the canvas: the answer, then `<eos>` up to gen_length."""
-        if len(self.answer_ids) >= gen_length:
+        """The training target of the canvas: the answer, then `<eos>` up to gen_length
+        (none when the answer fills the canvas exactly)."""
+        if len(self.answer_ids) > gen_length:
             raise ValueError(f"answer of {len(self.answer_ids)} tokens does not fit "
-                             f"gen_length={gen_length} with an <eos>")
+                             f"gen_length={gen_length}")
         return self.answer_ids + (EOS_ID,) * (gen_length - len(self.answer_ids))
 
 
@@ -233,18 +240,18 @@ def _filler(rng: np.random.Generator, n_tokens: int) -> list[str]:
     """`note : w w w .` of exactly n_tokens tokens (empty when n_tokens < 4)."""
     if n_tokens < 4:
         return []
-    words = [str(w) for w in rng.choice(FILLER_WORDS, size=n_tokens - 3)]
+    words = [str(w) for w in rng.choice(_FILLER_ARR, size=n_tokens - 3)]
     return ["note", ":", *words, "."]
 
 
 def _facts_world(rng: np.random.Generator, p_target: int):
     n_max = len(NAMES)
     header = [BOS, "system", ":", "facts", "."]
-    keys = [str(k) for k in rng.permutation(NAMES)]
+    keys = [str(k) for k in rng.permutation(_NAMES_ARR)]
     body: list[str] = []
     table: list[tuple[str, list[str]]] = []
     while len(table) < n_max:
-        value = [str(rng.choice(NUMBERS))]
+        value = [str(rng.choice(_NUMBERS_ARR))]
         fact = [keys[len(table)], "=", *value, ";"]
         if len(table) >= 2 and len(header) + len(body) + len(fact) + 1 > p_target:
             break
@@ -261,8 +268,8 @@ def _facts_question(rng: np.random.Generator, table):
 
 def _fewshot_world(rng: np.random.Generator, p_target: int):
     n_sym = int(rng.integers(3, 8))
-    src = [str(s) for s in rng.choice(SYMBOLS, size=n_sym, replace=False)]
-    dst = [str(s) for s in rng.choice(SYMBOLS, size=n_sym, replace=False)]
+    src = [str(s) for s in rng.choice(_SYMBOLS_ARR, size=n_sym, replace=False)]
+    dst = [str(s) for s in rng.choice(_SYMBOLS_ARR, size=n_sym, replace=False)]
     mapping = dict(zip(src, dst, strict=True))
     header = [BOS, "system", ":", "examples", "."]
     body: list[str] = []
@@ -298,7 +305,7 @@ _ACKS = (["ok", "."], ["noted", "."], ["sure", "."], ["got", "it", "."], ["thank
 
 def _dialog_world(rng: np.random.Generator, p_target: int):
     header = [BOS, "system", ":", "chat", "."]
-    people = [str(n) for n in rng.choice(NAMES, size=int(rng.integers(2, 7)), replace=False)]
+    people = [str(n) for n in rng.choice(_NAMES_ARR, size=int(rng.integers(2, 7)), replace=False)]
     attrs = list(ATTRIBUTES)
     body: list[str] = []
     state: dict[tuple[str, str], str] = {}
@@ -306,10 +313,10 @@ def _dialog_world(rng: np.random.Generator, p_target: int):
     while True:
         kind = rng.random()
         if state and kind < 0.25:  # chit-chat: the assistant answers with filler words
-            words = [str(w) for w in rng.choice(FILLER_WORDS, size=int(rng.integers(2, 7)))]
+            words = [str(w) for w in rng.choice(_FILLER_ARR, size=int(rng.integers(2, 7)))]
             ask = _CHITCHAT[int(rng.integers(2))]
             if ask[-1] == "about":
-                ask = ask + [str(rng.choice(FILLER_WORDS)), "."]
+                ask = ask + [str(rng.choice(_FILLER_ARR)), "."]
             turn = ["user", ":", *ask, "assistant", ":", *words, "."]
             update = None
         else:
@@ -321,7 +328,7 @@ def _dialog_world(rng: np.random.Generator, p_target: int):
                 person = people[int(rng.integers(len(people)))]
                 attr = attrs[int(rng.integers(len(attrs)))]
                 lead = ["now"] if (person, attr) in state else []
-            value = str(rng.choice(ATTRIBUTES[attr]))
+            value = str(rng.choice(_ATTRIBUTE_ARRS[attr]))
             turn = ["user", ":", *lead, "the", attr, "of", person, "is", value, ".",
                     "assistant", ":", *_ACKS[int(rng.integers(len(_ACKS)))]]
             update = ((person, attr), value)

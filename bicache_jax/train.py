@@ -34,6 +34,13 @@ Curriculum (`TrainConfig.curriculum`): the longest context grows linearly from
 `curriculum_start` to `context_max` over that many steps (`context_cap`), so retrieval is
 first learned on small worlds with few distractors.
 
+`response_mask="all"` (the shipped model) masks every response token of an SFT row (t = 1
+there; pretraining rows keep their sampled mask): the state held-out decoding starts from.
+With a one-token canvas (`gen_length=1`, the answer alone) the random-ratio objective
+masks the answer with probability t, so its expected loss is E[t] * CE of the same slot:
+masking it always is the same objective with every row supervised instead of half of
+them, and no `<eos>` slot, so no canvas slot has to work out its own index.
+
 `weighting="flat"` replaces the 1/t ELBO weights by a plain mean of CE over the masked
 tokens (the shipped model trains with it: at batch 32, 1/t up to 1/eps lets a few
 barely-masked rows dominate each update).
@@ -159,13 +166,21 @@ LogitsFn = Callable[[dict, ModelConfig, Array, Array], Array]
 
 def diffusion_loss(params: dict, config: ModelConfig, batch: Batch, key: jax.Array, *,
                    eps: float = EPS, stratified: bool = False, weighting: str = "elbo",
+                   response_mask: str = "random",
                    logits_fn: LogitsFn | None = None) -> tuple[Array, dict]:
     """The masked-diffusion loss of `batch` (pretraining / SFT per row, see module doc).
 
-    `logits_fn(params, config, tokens, lengths)` defaults to `model.forward`. Returns
-    `(loss, aux)` with `aux = {"per_seq", "t", "masked"}`.
+    `response_mask="all"` masks every response token of the SFT rows (t = 1 there; see
+    the module doc); `"random"` masks each with probability t. `logits_fn(params, config,
+    tokens, lengths)` defaults to `model.forward`. Returns `(loss, aux)` with
+    `aux = {"per_seq", "t", "masked"}`.
     """
     masked, t = sample_mask(key, batch, eps, stratified)
+    if response_mask == "all":
+        masked = jnp.where(batch.sft[:, None], eligible_mask(batch), masked)
+        t = jnp.where(batch.sft, 1.0, t)
+    elif response_mask != "random":
+        raise ValueError(f"response_mask must be 'random' or 'all', got {response_mask!r}")
     noisy = jnp.where(masked, config.mask_token_id, batch.tokens)
     fn = forward if logits_fn is None else logits_fn
     logits = fn(params, config, noisy, batch.lengths)
@@ -244,6 +259,12 @@ def make_batch(rows: Sequence, gen_length: int, pad_to: int,
     return Batch(tokens, lengths, response, sft_arr)
 
 
+# A minimal world plus its question can exceed the context range's top by about ten
+# tokens (measured: 56 tokens at context (16, 47), 126 at (24, 120)); the model must
+# serve every instance of its range.
+CONTEXT_OVERSHOOT = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run (saved as `train_config.json`)."""
@@ -264,6 +285,7 @@ class TrainConfig:
     curriculum_start: int = 40  # the longest context at step 0 (with curriculum > 0)
     stratified_t: bool = True
     weighting: str = "elbo"
+    response_mask: str = "random"  # "all": SFT rows mask the whole response (t = 1)
     gen_length: int = tasks.GEN_LENGTH
     context_min: int = tasks.DEFAULT_CONTEXT[0]
     context_max: int = tasks.DEFAULT_CONTEXT[1]
@@ -284,7 +306,8 @@ class TrainConfig:
             head_dim=self.d_model // self.n_heads, mlp_dim=self.mlp_mult * self.d_model,
             rope_theta=self.rope_theta, norm_eps=1e-5, qkv_bias=False, logits_shift=False,
             mask_token_id=tasks.MASK_ID,
-            max_seq_len=_round_up(self.context_max + self.gen_length, self.bucket))
+            max_seq_len=_round_up(self.context_max + CONTEXT_OVERSHOOT + self.gen_length,
+                                  self.bucket))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -496,7 +519,7 @@ def make_train_step(tc: TrainConfig):
 
         def loss_fn(p):
             return diffusion_loss(p, config, batch, key, stratified=tc.stratified_t,
-                                  weighting=tc.weighting)
+                                  weighting=tc.weighting, response_mask=tc.response_mask)
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
@@ -505,6 +528,34 @@ def make_train_step(tc: TrainConfig):
                                                "grad_norm": optax.tree.norm(grads)}
 
     return step_fn
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
+    """The float32 matmul rate of this machine: a jitted `n x n @ n x n`, best of
+    `repeats` timed calls after a warm-up (GFLOP/s, 2 n^3 FLOPs per call)."""
+    f = jax.jit(jnp.matmul)
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f(x, x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(x, x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def step_flops(config: ModelConfig, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one training step on a `[batch, seq]` batch: forward 2 per weight
+    per token (projections, MLP, lm_head; the embedding lookup is no matmul) plus
+    attention's QK^T and AV (4 * seq * heads * head_dim per token per layer); the
+    backward pass doubles the forward (3x in all)."""
+    d, hd = config.d_model, config.head_dim
+    q_o = 2 * d * config.n_heads * hd
+    k_v = 2 * d * config.n_kv_heads * hd
+    mlp = 3 * d * config.mlp_dim
+    weights = config.n_layers * (q_o + k_v + mlp) + d * config.vocab_size
+    attn = config.n_layers * 4 * seq * config.n_heads * hd
+    return 3.0 * batch * seq * (2 * weights + attn)
 
 
 def _checkpoint_manager(directory: Path):
@@ -599,6 +650,8 @@ def train(tc: TrainConfig, out: str | Path, *, ckpt_every: int = 250, eval_every
     evals = [r for r in _read_jsonl(eval_path) if r["step"] <= start]
     eval_path.write_text("".join(json.dumps(r) + "\n" for r in evals))
     step_fn = make_train_step(tc)
+    peak = matmul_peak_gflops()
+    print(f"float32 1024^3 matmul peak on this machine: {peak:.1f} GFLOP/s", file=sys.stderr)
     monitor = (tasks.eval_instances(eval_n, seed=MONITOR_SEED, families=tc.families,
                                     context=(tc.context_min, tc.context_max))
                if eval_every else [])
@@ -616,15 +669,17 @@ def train(tc: TrainConfig, out: str | Path, *, ckpt_every: int = 250, eval_every
             batch = pending.pop(step).result()
             if step + 1 < end:
                 pending[step + 1] = pool.submit(train_batch, tc, step + 1)
+            t_step = time.perf_counter()
             state, metrics = step_fn(state, jax.tree.map(jnp.asarray, batch), step)
             loss = float(metrics["loss"])
+            step_s = time.perf_counter() - t_step
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}")
             ema = loss if ema is None else 0.98 * ema + 0.02 * loss
             rec = {"step": step, "loss": loss, "ema": ema,
                    "grad_norm": float(metrics["grad_norm"]),
                    "seq_len": int(batch.tokens.shape[1]),
-                   "elapsed": round(time.time() - t0, 2)}
+                   "step_s": round(step_s, 4), "elapsed": round(time.time() - t0, 2)}
             records.append(rec)
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -642,12 +697,41 @@ def train(tc: TrainConfig, out: str | Path, *, ckpt_every: int = 250, eval_every
     bar.close()
     pool.shutdown()
     manager.close()
+    _write_throughput(out / "throughput.json", records[start:], config, tc, peak)
     if records:
         plot_loss(records, out / "loss.png", f"d{tc.d_model} L{tc.n_layers} seed {tc.seed}")
     if end == tc.steps:
         export_model(state.params, tc, export if export is not None else out / "model", out,
                      profile_n, progress)
     return {"params": state.params, "config": config, "records": records}
+
+
+def _write_throughput(path: Path, records: Sequence[dict], config: ModelConfig,
+                      tc: TrainConfig, peak: float) -> None:
+    """Training-step throughput of this (part of the) run beside the matmul peak measured
+    at its start, appended to `path` (one JSON object per invocation; resumed runs add
+    one each). The first step of each padded length (its compile) is left out."""
+    seen, steps = set(), []
+    for r in records:
+        if r["seq_len"] in seen:
+            steps.append(r)
+        seen.add(r["seq_len"])
+    if not steps:
+        return
+    seconds = sum(r["step_s"] for r in steps)
+    tokens = sum(tc.batch_size * r["seq_len"] for r in steps)
+    flops = sum(step_flops(config, tc.batch_size, r["seq_len"]) for r in steps)
+    gflops = flops / seconds / 1e9
+    rec = {"steps": [steps[0]["step"], steps[-1]["step"]], "timed_steps": len(steps),
+           "step_seconds": round(seconds, 2),
+           "wall_seconds": round(records[-1]["elapsed"], 2),
+           "tokens_per_s": round(tokens / seconds), "gflops_per_s": round(gflops, 2),
+           "matmul_peak_gflops_per_s": round(peak, 2),
+           "fraction_of_peak": round(gflops / peak, 3)}
+    with path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(f"training step: {rec['tokens_per_s']} tokens/s, {gflops:.1f} GFLOP/s = "
+          f"{100 * gflops / peak:.0f}% of the {peak:.1f} GFLOP/s matmul peak", file=sys.stderr)
 
 
 def _save_args(state: TrainState):
@@ -687,7 +771,7 @@ def export_model(params: dict, tc: TrainConfig, path: str | Path, run_dir: str |
     tasks.build_tokenizer(path / "tokenizer.json")
     (path / "train_config.json").write_text(tc.to_json() + "\n")
     run_dir = Path(run_dir)
-    for name in ("loss.jsonl", "loss.png", "eval.jsonl"):
+    for name in ("loss.jsonl", "loss.png", "eval.jsonl", "throughput.json"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, path / name)
     return path
