@@ -554,7 +554,7 @@ def _finish(call: _Call, out: denoise.Outputs) -> GenerateOutput:
     prefix = call.inputs.prefix
     deep = 0 if prefix is None or not call.loop.refreshes else (
         2 * (call.loop.config.n_layers - call.loop.reuse_depth) * prefix.length.shape[0]
-        * prefix.k[0, 0].size * prefix.k.dtype.itemsize)
+        * int(np.prod(prefix.k.shape[2:])) * prefix.k.dtype.itemsize)
     stats = {
         # the batch's prefix KV on the device: the store entries (once per distinct
         # prefix) and the per-request deep KV of the last refresh

@@ -360,3 +360,18 @@ def test_generate_stream_yields_each_block_with_generates_result(models, policy)
     np.testing.assert_array_equal(last.tokens, whole.tokens)
     np.testing.assert_array_equal(last.nfe, whole.nfe)
     np.testing.assert_array_equal(last.stats["rows_computed"], whole.stats["rows_computed"])
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_prefix_cache_bytes_count_the_shared_entry_once(models, depth):
+    """Two requests with one prefix hold its store K/V once (layers < b) and BiCache's
+    refreshed deep K/V per request; b = 0 holds no store K/V at all."""
+    cfg, params = models["llada_mha"]
+    shared = _requests(cfg)[0].prefix
+    prompts = [Prompt(prompt=(1, 2, 3), prefix=shared), Prompt(prompt=(4, 5), prefix=shared)]
+    out = _run((cfg, params), prompts, policy="bicache", reuse_depth=depth)
+    p_pad = 32  # 21 prefix tokens padded to PAD_MULTIPLE
+    kv_row = p_pad * cfg.n_kv_heads * cfg.head_dim * 4  # float32 bytes per layer and copy
+    want = (2 * depth * kv_row + p_pad * cfg.d_model * 4  # one entry: K, V of b layers + hidden
+            + 2 * (cfg.n_layers - depth) * 2 * kv_row)  # two requests' deep K and V
+    assert out.stats["prefix_cache_bytes"] == want
