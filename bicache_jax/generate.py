@@ -248,11 +248,19 @@ def _fill_store(params, config, store: PrefixStore, prefixes):
     return store, entries, computed_rows
 
 
+def prefix_entries(prefixes: Sequence[tuple[int, ...]]) -> int:
+    """How many store entries a batch's prefix state holds: one when every request has the
+    same prefix (the serving case: held and read once for the batch), else one slot per
+    request (the distinct prefixes, then zeros). Two program shapes per batch shape, so
+    the entry count never adds more than one compile."""
+    return 1 if len(set(prefixes)) == 1 else len(prefixes)
+
+
 def _batch_prefix(entries, prefixes, depth, config, dtype):
-    """The batch's prefix state, one entry per distinct prefix: k, v [b, S, P, Hkv, D] of
-    the layers below `depth` (all layers at depth L), hidden at `depth` [S, P, d] (None at
-    L), and index [B] (P padded to PAD_MULTIPLE; requests without a prefix read a zero
-    entry of length 0)."""
+    """The batch's prefix state, `prefix_entries(prefixes)` slots holding the distinct
+    prefixes: k, v [b, S, P, Hkv, D] of the layers below `depth` (all layers at depth L),
+    hidden at `depth` [S, P, d] (None at L), and index [B] (P padded to PAD_MULTIPLE;
+    requests without a prefix read a zero entry with length 0)."""
     L = config.n_layers
     p_max = _round_up(max(len(ids) for ids in prefixes), PAD_MULTIPLE)
     distinct = [ids for ids in dict.fromkeys(prefixes) if ids]
@@ -262,8 +270,8 @@ def _batch_prefix(entries, prefixes, depth, config, dtype):
     def stack(get, axis, shape):
         padded = [jnp.pad(get(entries[ids]), [(0, 0)] * axis + [(0, p_max - len(ids))]
                           + [(0, 0)] * (len(shape) - axis - 1)) for ids in distinct]
-        if len(distinct) in index:  # requests without a prefix
-            padded.append(jnp.zeros(shape, dtype))
+        # zero slots: read by requests without a prefix (index len(distinct)), or padding
+        padded += [jnp.zeros(shape, dtype)] * (prefix_entries(prefixes) - len(distinct))
         return jnp.stack(padded, axis=axis)
 
     kv_shape = (depth, p_max, config.n_kv_heads, config.head_dim)
@@ -576,4 +584,5 @@ def _finish(call: _Call, out: denoise.Outputs) -> GenerateOutput:
 
 
 __all__ = ["GenerateOutput", "Prompt", "StreamStep", "compile_count", "compute_prefix_entry",
-           "generate", "generate_stream", "greedy_window", "lookup_depth", "prefix_ratio"]
+           "generate", "generate_stream", "greedy_window", "lookup_depth", "prefix_entries",
+           "prefix_ratio"]

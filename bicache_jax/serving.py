@@ -63,6 +63,7 @@ from .generate import (
     generate,
     generate_stream,
     lookup_depth,
+    prefix_entries,
     prefix_ratio,
 )
 from .policies import Policy, get_policy
@@ -159,7 +160,8 @@ class EngineStats:
 
     compiles: denoise-loop compilations during this engine's batches.
     signatures: distinct static shapes dispatched (group, bucket, padded own length,
-      padded prefix length); compiles <= len(signatures) once nothing else compiles.
+      padded prefix length, prefix store entries); compiles <= len(signatures) once
+      nothing else compiles.
     max_store_tokens: the most prefix tokens the store held after any batch.
     """
 
@@ -393,13 +395,17 @@ class Engine:
 
     def _signature(self, items: list[_Item], bucket: int) -> tuple:
         pol = items[0].policy
+        entries = 0
         if pol.uses_store:
             own = max(len(it.prompt) for it in items)
             pre = max(len(it.prefix) for it in items)
             pre = _round_up(pre, PAD_MULTIPLE) if pre else 0
+            # the batch is padded with copies of its last request (see _run_batch)
+            entries = prefix_entries([it.prefix for it in items]
+                                     + [items[-1].prefix] * (bucket - len(items)))
         else:
             own, pre = max(len(it.prefix) + len(it.prompt) for it in items), 0
-        return items[0].group + (bucket, _round_up(own, PAD_MULTIPLE), pre)
+        return items[0].group + (bucket, _round_up(own, PAD_MULTIPLE), pre, entries)
 
     def _run_batch(self, items: list[_Item]) -> list[RequestResult]:
         first = items[0]

@@ -84,9 +84,10 @@ def _child(out_path: str, policies: list[str], check_pallas: bool) -> None:
                 "ok": all(r.ok for r in served)}
         layers = sp["layers"]
         own = np.zeros((8, 32), np.int32)
+        # One shared prefix entry (S = 1) read by all 8 requests through the index.
         placed = S.shard_inputs(mesh, cfg, own, own, np.zeros(8, np.int32),
-                                jnp.zeros((cfg.n_layers, 8, 16, cfg.n_kv_heads,
-                                           cfg.head_dim)))
+                                jnp.zeros((cfg.n_layers, 1, 16, cfg.n_kv_heads,
+                                           cfg.head_dim)), None, np.zeros(8, np.int32))
         info = {
             "specs": {n: list(layers[n].sharding.spec)
                       for n in ("wq", "wk", "wo", "w_gate", "w_down")},
@@ -95,7 +96,8 @@ def _child(out_path: str, policies: list[str], check_pallas: bool) -> None:
             "shard_shape_wq": list(layers["wq"].addressable_shards[0].data.shape),
             "embed_spec": list(sp["embed"].sharding.spec),
             "lm_head_spec": list(sp["lm_head"].sharding.spec),
-            "input_specs": [list(placed[0].sharding.spec), list(placed[3].sharding.spec)],
+            "input_specs": [list(placed[0].sharding.spec), list(placed[3].sharding.spec),
+                            list(placed[5].sharding.spec)],
             "input_shard_rows": placed[0].addressable_shards[0].data.shape[0],
         }
         if check_pallas:  # the shard_map-wrapped Pallas kernel (interpret mode) vs reference
@@ -178,8 +180,11 @@ def test_params_and_inputs_are_really_sharded(findings, data, model):
     assert info["shard_shape_wq"] == [3, 32, 32 // model]
     assert info["embed_spec"] == [None, "model"] and info["lm_head_spec"] == [None, "model"]
     assert info["input_specs"][0] == ["data", None]
-    assert info["input_specs"][1] == [None, "data", None, "model" if model <= 2 else None,
+    # the prefix entries are replicated over "data" (shared by the batch), heads on "model";
+    # the per-request index follows the batch
+    assert info["input_specs"][1] == [None, None, None, "model" if model <= 2 else None,
                                       None]
+    assert info["input_specs"][2] == ["data"]
     assert info["input_shard_rows"] == 8 // data
 
 
