@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import signal
 import sys
 import time
@@ -153,6 +154,9 @@ def cmd_convert(args) -> int:
     try:
         config = convert_checkpoint(args.hf_dir, out, dtype=args.dtype,
                                     overwrite=args.overwrite)
+        if signals:  # the KeyboardInterrupt was swallowed (raised inside a gc callback)
+            shutil.rmtree(out, ignore_errors=True)
+            raise KeyboardInterrupt
     except BaseException:
         # An interrupt inside a C extension (TensorStore) may surface as another error.
         if not signals:
