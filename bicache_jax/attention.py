@@ -14,15 +14,18 @@ Implementations: the plain `jnp` reference
 (`pallas_kernels/reference.py`, the definition the kernels are tested against), XLA's and
 cuDNN's `jax.nn.dot_product_attention`, and the Pallas kernels in `pallas_kernels/`.
 
-The xla path computes the scores of each source separately and never concatenates K/V (a
-copy of every key per layer and step otherwise); with a single shared entry it reads that
-entry once for the whole batch. The xla/cudnn paths assume finite values at padded key
+The xla path scores each source separately and concatenates neither K/V nor scores (a copy
+of every key, or of every score, per layer and step otherwise): the softmax merges the
+sources' row maxima and sums. With a single shared entry it reads that entry once for the
+whole batch. The xla/cudnn paths assume finite values at padded key
 positions (our KV buffers are zero-initialised and padding rows are computed from real
 embeddings); the reference and the Pallas kernels also tolerate NaN there. The reference,
 cudnn and Pallas paths gather a shared source per batch row.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,21 +60,25 @@ def _attention_xla(q, cached_k, cached_v, cached_len, fresh_k, fresh_v, fresh_le
         cached_k, cached_v = (jnp.take(a, cached_index, axis=0) for a in (cached_k, cached_v))
     c_spec = "skd" if shared else "bskd"
     ck, cv = (cached_k[0], cached_v[0]) if shared else (cached_k, cached_v)
-    scores = jnp.concatenate([
-        jnp.einsum(f"btkgd,{c_spec}->bkgts", qg, ck, preferred_element_type=f32),
-        jnp.einsum("btkgd,bskd->bkgts", qg, fresh_k, preferred_element_type=f32),
-    ], axis=-1) * (d ** -0.5)
-    valid = _key_valid(cached_k.shape[1], cached_len, fresh_k.shape[1], fresh_len)
-    scores = jnp.where(valid[:, None, None, None, :], scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True, initial=-jnp.inf)
-    p = jnp.exp(scores - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)  # rows with no valid key: zeros
-    n_c = cached_k.shape[1]
-    out = (jnp.einsum(f"bkgts,{c_spec}->btkgd", p[..., :n_c].astype(cv.dtype), cv,
-                      preferred_element_type=f32)
-           + jnp.einsum("bkgts,bskd->btkgd", p[..., n_c:].astype(fresh_v.dtype), fresh_v,
-                        preferred_element_type=f32))
+    # (einsum spec, K, V, valid keys) per source; an empty cache (a plain full forward) is
+    # left out. The softmax merges the sources' maxima and sums: no concatenated scores.
+    sources = [("bskd", fresh_k, fresh_v, jnp.arange(fresh_k.shape[1]) < fresh_len[:, None])]
+    if cached_k.shape[1]:
+        sources.insert(0, (c_spec, ck, cv, jnp.arange(cached_k.shape[1]) < cached_len[:, None]))
+    scores = [jnp.where(valid[:, None, None, None, :],
+                        jnp.einsum(f"btkgd,{spec}->bkgts", qg, k, preferred_element_type=f32)
+                        * d ** -0.5, -jnp.inf)
+              for spec, k, _, valid in sources]
+    row_max = functools.reduce(jnp.maximum, [
+        jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf) for s in scores])
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    exps = [jnp.exp(s - row_max) for s in scores]
+    denom = functools.reduce(jnp.add, [jnp.sum(e, axis=-1, keepdims=True) for e in exps])
+    denom = jnp.where(denom > 0, denom, 1.0)  # rows with no valid key: zeros
+    out = functools.reduce(jnp.add, [
+        jnp.einsum(f"bkgts,{spec}->btkgd", (e / denom).astype(v.dtype), v,
+                   preferred_element_type=f32)
+        for e, (spec, _, v, _) in zip(exps, sources, strict=True)])
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
 

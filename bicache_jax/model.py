@@ -109,10 +109,16 @@ def apply_rope(x: Float[Array, "batch seq heads dim"], positions: Int[Array, "ba
     return out.astype(x.dtype)
 
 
+def _dense(x: Float[Array, "... d_in"], w: Float[Array, "d_in d_out"]) -> Array:
+    """x @ w as one 2-D matmul over the flattened leading dims: XLA CPU's backward of a
+    3-D dot transposes its operands through slow copies (measured 2x on a training step)."""
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def _qkv(lp: Params, config: ModelConfig, x: Array, positions: Array):
     """Project normed rows to q, k (both after RoPE) and v, split into heads."""
     b, t, _ = x.shape
-    q, k, v = x @ lp["wq"], x @ lp["wk"], x @ lp["wv"]
+    q, k, v = _dense(x, lp["wq"]), _dense(x, lp["wk"]), _dense(x, lp["wv"])
     if config.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = q.reshape(b, t, config.n_heads, config.head_dim)
@@ -124,7 +130,7 @@ def _qkv(lp: Params, config: ModelConfig, x: Array, positions: Array):
 
 def _mlp(lp: Params, config: ModelConfig, x: Array) -> Array:
     h = rms_norm(x, lp["mlp_norm"], config.norm_eps)
-    return (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"]
+    return _dense(jax.nn.silu(_dense(h, lp["w_gate"])) * _dense(h, lp["w_up"]), lp["w_down"])
 
 
 def _write_rows(buffer: Array, rows: Array, slots: Int[Array, "batch rows"]) -> Array:
@@ -141,26 +147,26 @@ def _layer(lp: Params, x_prefix: Array | None, x_own: Array, *, config: ModelCon
     q, k, v = _qkv(lp, config, h_own, own_pos)
     if x_prefix is None:
         pk, pv = prefix_kv_l
-        queries = q
     else:
         h_pre = rms_norm(x_prefix, lp["attn_norm"], config.norm_eps)
         pq, pk, pv = _qkv(lp, config, h_pre, prefix_pos)
-        queries = jnp.concatenate([pq, q], axis=1)
         prefix_index = None  # computed rows: one per request
     if own_buffer_l is None:
         fk, fv = k, v
     else:
         fk = _write_rows(own_buffer_l[0], k, own_rows)
         fv = _write_rows(own_buffer_l[1], v, own_rows)
-    out = attention(queries, pk, pv, prefix_len, fk, fv, own_len, impl=config.attention_impl,
-                    cached_index=prefix_index)
-    out = out.reshape(*out.shape[:2], config.q_dim) @ lp["wo"]
-    x_all = x_own if x_prefix is None else jnp.concatenate([x_prefix, x_own], axis=1)
-    x_all = x_all + out.astype(x_all.dtype)
-    x_all = x_all + _mlp(lp, config, x_all).astype(x_all.dtype)
-    n_pre = 0 if x_prefix is None else x_prefix.shape[1]
-    new_prefix = None if x_prefix is None else x_all[:, :n_pre]
-    return new_prefix, x_all[:, n_pre:], (pk, pv), (fk, fv)
+
+    # The prefix rows and the own rows stay separate tensors through the block (the same
+    # keys for both; no concatenated copy of rows, queries or scores per layer).
+    def block(x, queries):
+        out = attention(queries, pk, pv, prefix_len, fk, fv, own_len,
+                        impl=config.attention_impl, cached_index=prefix_index)
+        x = x + _dense(out.reshape(*out.shape[:2], config.q_dim), lp["wo"]).astype(x.dtype)
+        return x + _mlp(lp, config, x).astype(x.dtype)
+
+    new_prefix = None if x_prefix is None else block(x_prefix, pq)
+    return new_prefix, block(x_own, q), (pk, pv), (fk, fv)
 
 
 def _slice_layers(tree, start: int, stop: int):
@@ -175,7 +181,7 @@ def embed(params: Params, tokens: Int[Array, "batch seq"]) -> Float[Array, "batc
 
 
 @functools.partial(jax.jit, static_argnames=("config", "reuse_depth", "return_prefix_kv",
-                                             "return_own_kv"))
+                                             "return_own_kv", "unroll_layers"))
 def forward_rows(
     params: Params,
     config: ModelConfig,
@@ -190,6 +196,7 @@ def forward_rows(
     own_rows: Int[Array, "batch rows"] | None = None,
     return_prefix_kv: bool = False,
     return_own_kv: bool = False,
+    unroll_layers: bool = False,
 ) -> ForwardOut:
     """Run the model on the computed own rows, reading cached KV where the policy says.
 
@@ -207,6 +214,9 @@ def forward_rows(
       own_rows: [B, T] buffer slot of each computed row (out-of-range = padding row).
       return_prefix_kv: also return the prefix K/V computed in layers >= b.
       return_own_kv: also return the own K/V of every layer.
+      unroll_layers: unroll the layer scans (training: XLA CPU's backward of a scan stacks
+        every residual, measured 1.4x slower; serving keeps the loop, which compiles once
+        for any depth).
     """
     L = config.n_layers
     if not 0 <= reuse_depth <= L:
@@ -252,11 +262,12 @@ def forward_rows(
     # [b, L) compute the prefix rows.
     own_out = []
     n_shared = min(b, shared)
-    x_own, fkv = jax.lax.scan(reading(prefix.index), x_own, (
+    scan = functools.partial(jax.lax.scan, unroll=unroll_layers)
+    x_own, fkv = scan(reading(prefix.index), x_own, (
         layer_range(0, n_shared), prefix.k[:n_shared], prefix.v[:n_shared]))
     own_out.append(fkv)
     if b > shared:
-        x_own, fkv = jax.lax.scan(reading(None), x_own, (
+        x_own, fkv = scan(reading(None), x_own, (
             layer_range(shared, b), prefix.deep_k[:b - shared], prefix.deep_v[:b - shared]))
         own_out.append(fkv)
     prefix_kv_out = None
@@ -264,7 +275,7 @@ def forward_rows(
         hidden = prefix.hidden
         if prefix.index is not None:  # the prefix rows diverge per request from here on
             hidden = jnp.take(hidden, prefix.index, axis=0)
-        (_, x_own), (pkv, fkv) = jax.lax.scan(computing, (hidden, x_own), layer_range(b, L))
+        (_, x_own), (pkv, fkv) = scan(computing, (hidden, x_own), layer_range(b, L))
         own_out.append(fkv)
         prefix_kv_out = pkv
     hidden = rms_norm(x_own, params["final_norm"], config.norm_eps)
@@ -289,6 +300,7 @@ def forward(
     *,
     prefix: PrefixKV | None = None,
     reuse_depth: int | None = None,
+    unroll_layers: bool = False,
 ) -> Float[Array, "batch seq vocab"]:
     """Logits of every row of `tokens` (positions after the prefix), float32 [B, T, V].
 
@@ -299,7 +311,7 @@ def forward(
     many leading layers read the cached prefix KV instead of recomputing it.
 
     Logits at row i are the raw head output of row i; Dream's one-position shift is the
-    sampler's business.
+    sampler's business. `unroll_layers`: see `forward_rows` (the trainer sets it).
     """
     batch, t = tokens.shape
     lengths = jnp.full((batch,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
@@ -311,7 +323,8 @@ def forward(
         prefix_pos = jnp.broadcast_to(jnp.arange(prefix.k.shape[2], dtype=jnp.int32),
                                       (batch, prefix.k.shape[2]))
     out = forward_rows(params, config, tokens, own_pos, lengths, prefix=prefix,
-                       prefix_pos=prefix_pos, reuse_depth=reuse_depth or 0)
+                       prefix_pos=prefix_pos, reuse_depth=reuse_depth or 0,
+                       unroll_layers=unroll_layers)
     return logits_from_hidden(params, out.hidden)
 
 
