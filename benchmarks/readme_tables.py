@@ -81,6 +81,21 @@ def learnability_section(path: Path) -> str:
             "masked.\n\n" + learnability.markdown_table(result) + "\n")
 
 
+def lr_sweep_section(path: Path) -> str:
+    import lr_sweep
+
+    result = json.loads(path.read_text())
+    r = result["recipe"]
+    return (f"### Learning-rate sweep: `{path.name}`\n\nDevice {result['device']}, jax "
+            f"{result['jax_version']}, commit `{result['git_commit'][:10]}`, matmul peak "
+            f"{result['matmul_peak_gflops_per_s']} GFLOP/s; d{r['d_model']} L{r['n_layers']} "
+            f"H{r['n_heads']}, batch {r['batch_size']}, {r['steps']} updates ({r['warmup']} "
+            f"warm-up), contexts {r['context_min']}-{r['context_max']}, held-out accuracy on "
+            f"{result['eval_n_per_family']} instances per family. Picked: lr "
+            f"{result['best_lr']:g}. {result.get('note', '')}\n\n"
+            + lr_sweep.markdown_table(result) + "\n")
+
+
 def serve_load_section(path: Path) -> str:
     import serve_load
 
@@ -103,6 +118,7 @@ def main() -> None:
     parts += [prefix_memory_section(p) for p in sorted(results.glob("prefix_memory_*.json"))]
     parts += [eval_section(p) for p in sorted(results.glob("eval_*.json"))]
     parts += [learnability_section(p) for p in sorted(results.glob("learnability_*.json"))]
+    parts += [lr_sweep_section(p) for p in sorted(results.glob("lr_sweep_*.json"))]
     parts += [serve_load_section(p) for p in sorted(results.glob("serve_load_*.json"))]
     readme = ROOT / "README.md"
     text = readme.read_text()

@@ -118,7 +118,8 @@ def call_flops(config: ModelConfig, rows_computed: float, seq_len: int, nfe: flo
         config.vocab_size
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """`git rev-parse HEAD` of this checkout, or "unknown" outside one."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True, cwd=Path(__file__).parent).stdout.strip()
@@ -206,7 +207,7 @@ def run(settings: BenchSettings, *, params=None, depth_table=None, progress=prin
     return {
         "machine": {"node": platform.node(), "processor": platform.processor(),
                     "python": platform.python_version()},
-        "device": device_info(), "jax_version": jax.__version__, "git_commit": _git_commit(),
+        "device": device_info(), "jax_version": jax.__version__, "git_commit": git_commit(),
         "weights": "random (untrained): timing only" if settings.model != "trained" else
                    "trained",
         "peak_tflops": peak, "peak_source": peak_source,
@@ -426,7 +427,7 @@ def run_paired(settings: PairedSettings, *, progress=print) -> dict:
     return {
         "machine": {"node": platform.node(), "processor": platform.processor(),
                     "python": platform.python_version(), "cpu_count": os.cpu_count()},
-        "device": device_info(), "jax_version": jax.__version__, "git_commit": _git_commit(),
+        "device": device_info(), "jax_version": jax.__version__, "git_commit": git_commit(),
         "weights": "random (untrained): timing only", "peak_tflops": peak,
         "peak_source": peak_source, "flop_bound": flop_bound_note(),
         "settings": dataclasses.asdict(settings), "model_config": dataclasses.asdict(config),

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from . import tasks
+from .bench import git_commit
 from .cli_args import HelpFormatter, choice_list, int_in
 from .generate import Prompt, generate, prefix_ratio
 from .policies import POLICIES
@@ -146,7 +147,8 @@ def run_eval(params, config, instances, settings: EvalSettings, depth_table,
     return {
         "machine": {"node": platform.node(), "python": platform.python_version()},
         "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-        "settings": dataclasses.asdict(settings), "depth_table": depth_table,
+        "git_commit": git_commit(), "settings": dataclasses.asdict(settings),
+        "depth_table": depth_table,
         "n_instances": len(instances), "families": families,
         "ratio_of_instances": {b: int(sum(_bucket(r) == b for r in ratios)) for b in buckets},
         "results": rows,

@@ -7,7 +7,8 @@ and a short **answer**. Three families:
 * `facts`: a table `key = value ;` (values are the number words `10` .. `41`) in the
   prefix; the question asks for the value of one key (`what is kab ?` -> `47`).
 * `fewshot`: examples `A C -> Q X ;` in the prefix define a per-instance symbol
-  substitution (applied position by position); the question asks for the image of one
+  substitution (3-5 source symbols onto as many other symbols, applied position by
+  position); the question asks for the image of one
   symbol the examples cover (`input : C -> ?` -> `X`), which no single example pair
   states on its own: its position inside an example decides its image.
 * `dialog`: a multi-turn chat in the prefix where user turns state facts
@@ -17,9 +18,10 @@ and a short **answer**. Three families:
 
 Lengths: each instance draws a target context length C (prefix + prompt, tokens) and a
 target prefix ratio r = p / (p + u) in [0.08, 0.96]; the prefix content (facts, examples,
-turns) is grown to about r * C tokens and the prompt is padded with a filler note
-(`note : words . `) to about (1 - r) * C. The realised ratio is close to r except where
-the minimal prefix or the question itself does not fit.
+turns, at most `MAX_FACTS` / `MAX_EXAMPLES` / `MAX_TURNS`) is grown to about r * C
+tokens, a system note (`note : words .` after the header) filling what the capped content
+leaves, and the prompt is padded with a filler note to about (1 - r) * C. The realised
+ratio is close to r except where the minimal prefix or the question itself does not fit.
 
 Seeds: an instance is a pure function of `(family, seed, question)`. The prefix (the
 "world": table, examples, chat) depends only on `(family, seed)`; `question` picks one of
@@ -113,6 +115,12 @@ DEFAULT_CONTEXT = (24, 120)  # context (prefix + prompt) length range, tokens
 # position embedding, so a multi-token answer would also need each slot to work out its
 # own index from relative attention alone (benchmarks/learnability.py measures both costs).
 EXAMPLE_LEN = 2  # symbols per side of a fewshot example
+# World sizes are capped (facts per table, examples, chat turns): a two-layer model on two
+# CPU cores learns retrieval among a few distractors in minutes and among 27 in hours
+# (issue 15's probes). A prefix whose capped content is shorter than its target length is
+# padded with a system note (`note : words .` after the header), so the prefix ratio still
+# spans the suite's range while the answer depends on the prefix content.
+MAX_FACTS, MAX_EXAMPLES, MAX_TURNS = 4, 5, 10
 
 
 def encode(text: str) -> list[int]:
@@ -244,8 +252,16 @@ def _filler(rng: np.random.Generator, n_tokens: int) -> list[str]:
     return ["note", ":", *words, "."]
 
 
+def _padded(header: list[str], body: list[str], rng: np.random.Generator,
+            p_target: int) -> list[str]:
+    """`header [note] body <sep>`, the note (drawn last from `rng`) filling the prefix up to
+    `p_target` tokens when the capped body leaves at least 4 tokens free."""
+    free = p_target - len(header) - len(body) - 1
+    return header + _filler(rng, free) + body + [SEP]
+
+
 def _facts_world(rng: np.random.Generator, p_target: int):
-    n_max = len(NAMES)
+    n_max = MAX_FACTS
     header = [BOS, "system", ":", "facts", "."]
     keys = [str(k) for k in rng.permutation(_NAMES_ARR)]
     body: list[str] = []
@@ -257,7 +273,7 @@ def _facts_world(rng: np.random.Generator, p_target: int):
             break
         body += fact
         table.append((keys[len(table)], value))
-    return header + body + [SEP], table
+    return _padded(header, body, rng, p_target), table
 
 
 def _facts_question(rng: np.random.Generator, table):
@@ -267,9 +283,11 @@ def _facts_question(rng: np.random.Generator, table):
 
 
 def _fewshot_world(rng: np.random.Generator, p_target: int):
-    n_sym = int(rng.integers(3, 8))
-    src = [str(s) for s in rng.choice(_SYMBOLS_ARR, size=n_sym, replace=False)]
-    dst = [str(s) for s in rng.choice(_SYMBOLS_ARR, size=n_sym, replace=False)]
+    n_sym = int(rng.integers(3, 6))
+    # Sources and images are disjoint symbols: the asked symbol occurs only on the left of
+    # the examples (an image equal to a source made a second, misleading match).
+    drawn = [str(s) for s in rng.choice(_SYMBOLS_ARR, size=2 * n_sym, replace=False)]
+    src, dst = drawn[:n_sym], drawn[n_sym:]
     mapping = dict(zip(src, dst, strict=True))
     header = [BOS, "system", ":", "examples", "."]
     body: list[str] = []
@@ -285,12 +303,12 @@ def _fewshot_world(rng: np.random.Generator, p_target: int):
         ex = [*seq, "->", *(mapping[s] for s in seq), ";"]
         if (n_ex >= 2 and not todo) and len(header) + len(body) + len(ex) + 1 > p_target:
             break
-        if n_ex >= 64:
+        if n_ex >= MAX_EXAMPLES and not todo:
             break
         body += ex
         covered.update(seq)
         n_ex += 1
-    return header + body + [SEP], (src, mapping, n_ex)
+    return _padded(header, body, rng, p_target), (src, mapping, n_ex)
 
 
 def _fewshot_question(rng: np.random.Generator, world):
@@ -334,13 +352,13 @@ def _dialog_world(rng: np.random.Generator, p_target: int):
             update = ((person, attr), value)
         if state and len(header) + len(body) + len(turn) + 1 > p_target:
             break
-        if n_turns >= 96:
+        if state and n_turns >= MAX_TURNS:
             break
         body += turn
         n_turns += 1
         if update is not None:
             state[update[0]] = update[1]
-    return header + body + [SEP], (state, n_turns)
+    return _padded(header, body, rng, p_target), (state, n_turns)
 
 
 def _dialog_question(rng: np.random.Generator, world):
@@ -485,7 +503,10 @@ def _body(prefix_text: str, header: str) -> list[str]:
     head = [BOS, "system", ":", header, "."]
     if words[:5] != head or words[-1] != SEP:
         raise ValueError(f"not a {header!r} prefix: {prefix_text[:60]!r}")
-    return words[5:-1]
+    words = words[5:-1]
+    if words[:2] == ["note", ":"]:  # the system note padding the prefix
+        words = words[words.index(".") + 1:]
+    return words
 
 
 def _question(prompt_text: str) -> list[str]:

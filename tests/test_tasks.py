@@ -25,6 +25,9 @@ def test_checker_agrees_with_generator(family):
 def test_checker_hand_examples():
     assert tasks.check_answer("<bos> system : facts . kab = 47 ; dov = 12 ; <sep>",
                               "note : nice . question : what is dov ? <sep>") == "12"
+    # A system note padding the prefix is not part of the table.
+    assert tasks.check_answer("<bos> system : facts . note : dov = 3 . kab = 47 ; <sep>",
+                              "question : what is kab ? <sep>") == "47"
     assert tasks.check_answer("<bos> system : examples . A B -> C D ; B E -> D F ; <sep>",
                               "input : E -> ? <sep>") == "F"
     # The checker reads examples of any length (the generator writes length 2).
@@ -90,6 +93,30 @@ def test_suite_spans_ten_to_ninety_five_percent():
     ratios = [x.prefix_ratio for fam in tasks.FAMILIES
               for x in tasks.generate_instances(fam, tasks.EVAL_SEED_START, 400)]
     assert min(ratios) <= 0.14 and max(ratios) >= 0.93
+
+
+@pytest.mark.parametrize("family", tasks.FAMILIES)
+def test_world_sizes_are_capped_and_long_prefixes_padded(family):
+    insts = tasks.generate_instances(family, tasks.EVAL_SEED_START, 200)
+    for x in insts:
+        body = x.prefix_text.split()[5:-1]
+        padded = body[:2] == ["note", ":"]
+        if padded:
+            body = body[body.index(".") + 1:]
+        if family == "facts":
+            assert body.count(";") <= tasks.MAX_FACTS
+        elif family == "fewshot":
+            assert body.count(";") <= tasks.MAX_EXAMPLES
+            images = {w for ex in " ".join(body).split(";") if "->" in ex
+                      for w in ex.split("->")[1].split()}
+            assert x.question_ids[2] not in {tasks.TOKEN_ID[w] for w in images}
+        else:
+            assert body.count("user") <= tasks.MAX_TURNS
+    if family == "dialog":  # ten chat turns can fill a long prefix on their own
+        return
+    # a capped table or example list is at most 42 tokens: longer prefixes carry the note
+    long = [x for x in insts if len(x.prefix_ids) > 80]
+    assert long and all(x.prefix_text.split()[5:7] == ["note", ":"] for x in long)
 
 
 def test_is_correct():
