@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bicache_jax.bench import _git_commit, device_info, model_config
+from bicache_jax.bench import git_commit, device_info, model_config
 from bicache_jax.generate import Prompt, generate
 from bicache_jax.model import init_params
 from bicache_jax.prefix_store import PrefixStore
@@ -56,7 +56,7 @@ def main() -> None:
               f"(one copy per request: {rows[-1]['per_request_layout_bytes'] / 2**20:.1f} MiB)")
     result = {"machine": {"node": platform.node(), "python": platform.python_version()},
               "device": device_info(), "jax_version": jax.__version__,
-              "git_commit": _git_commit(), "batch": BATCH, "prefix_len": PREFIX,
+              "git_commit": git_commit(), "batch": BATCH, "prefix_len": PREFIX,
               "question_len": QUESTION, "model": "cpu_d384", "dtype": "float32",
               "results": rows}
     out = Path(__file__).parent / "results" / "prefix_memory_cpu.json"

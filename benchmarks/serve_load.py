@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from bicache_jax import tasks
-from bicache_jax.bench import _git_commit
+from bicache_jax.bench import git_commit
 from bicache_jax.checkpoint import DEFAULT_MODEL
 from bicache_jax.generate import Prompt, generate
 from bicache_jax.policies import POLICIES as POLICY_TABLE
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": {"platform": jax.devices()[0].platform,
                    "device_kind": jax.devices()[0].device_kind,
                    "host": platform.machine()},
-        "jax_version": jax.__version__, "git_commit": _git_commit(), "model": model.name,
+        "jax_version": jax.__version__, "git_commit": git_commit(), "model": model.name,
         "weights": weights, "prefix_share": _prefix_share(model, args),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
         "results": [],

@@ -34,7 +34,7 @@ Curriculum (`TrainConfig.curriculum`): the longest context grows linearly from
 `curriculum_start` to `context_max` over that many steps (`context_cap`), so retrieval is
 first learned on small worlds with few distractors.
 
-`response_mask="all"` (the shipped model) masks every response token of an SFT row (t = 1
+`response_mask="all"` (the recipe's default) masks every response token of an SFT row (t = 1
 there; pretraining rows keep their sampled mask): the state held-out decoding starts from.
 With a one-token canvas (`gen_length=1`, the answer alone) the random-ratio objective
 masks the answer with probability t, so its expected loss is E[t] * CE of the same slot:
@@ -42,10 +42,10 @@ masking it always is the same objective with every row supervised instead of hal
 them, and no `<eos>` slot, so no canvas slot has to work out its own index.
 
 `weighting="flat"` replaces the 1/t ELBO weights by a plain mean of CE over the masked
-tokens (the shipped model trains with it: at batch 32, 1/t up to 1/eps lets a few
+tokens (the recipe's default: at batch 32, 1/t up to 1/eps lets a few
 barely-masked rows dominate each update).
 
-With `weighting="elbo"` (the default) the pretraining and SFT losses are unbiased
+With `weighting="elbo"` the pretraining and SFT losses are unbiased
 estimates of an upper bound on the negative log-likelihood of the eligible tokens.
 `sample_t` can draw the batch's t stratified (one uniform offset, evenly spaced;
 marginally still U(eps, 1)), which lowers the variance of the 1/t-weighted loss.
@@ -66,7 +66,8 @@ full forward that unmasks the masked canvas position whose argmax token has the 
 softmax probability — what `generate(policy="none", steps=gen_length,
 block_length=gen_length)` does.
 
-Example (the shipped default model; see README):
+Example (every `TrainConfig` default is the default model's recipe, `DEFAULT_RECIPE`;
+see README):
 
     python -m bicache_jax.train --out runs/default --export bicache_jax/assets/default_model
 """
