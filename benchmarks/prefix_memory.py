@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bicache_jax.bench import git_commit, device_info, model_config
+from bicache_jax.bench import device_info, git_commit, model_config
 from bicache_jax.generate import Prompt, generate
 from bicache_jax.model import init_params
 from bicache_jax.prefix_store import PrefixStore
