@@ -62,7 +62,7 @@ def main(argv=None) -> None:
               "jax_version": jax.__version__, "git_commit": git_commit(),
               "matmul_peak_gflops_per_s": round(peak, 1), "eval_n_per_family": args.eval_n,
               "recipe": json.loads(base.to_json()), "runs": runs,
-              "best_lr": max(runs, key=lambda r: r["accuracy"]["all"])["lr"]}
+              "best_accuracy_lr": max(runs, key=lambda r: r["accuracy"]["all"])["lr"]}
     out = Path(args.out or Path(__file__).parent / "results"
                / f"lr_sweep_{device.platform}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

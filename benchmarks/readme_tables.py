@@ -91,8 +91,8 @@ def lr_sweep_section(path: Path) -> str:
             f"{result['matmul_peak_gflops_per_s']} GFLOP/s; d{r['d_model']} L{r['n_layers']} "
             f"H{r['n_heads']}, batch {r['batch_size']}, {r['steps']} updates ({r['warmup']} "
             f"warm-up), contexts {r['context_min']}-{r['context_max']}, held-out accuracy on "
-            f"{result['eval_n_per_family']} instances per family. Picked: lr "
-            f"{result['best_lr']:g}. {result.get('note', '')}\n\n"
+            f"{result['eval_n_per_family']} instances per family. Best held-out accuracy: lr "
+            f"{result['best_accuracy_lr']:g}. {result.get('note', '')}\n\n"
             + lr_sweep.markdown_table(result) + "\n")
 
 

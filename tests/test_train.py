@@ -149,7 +149,7 @@ def test_one_slot_canvas_is_the_bare_answer():
     inst = tasks.eval_instances(1, families=("facts",))[0]
     assert inst.response_ids(1) == inst.answer_ids
     assert tasks.is_correct(inst.response_ids(1), inst)
-    batch = train_batch(TrainConfig(batch_size=4, gen_length=1, bucket=16), 0)
+    batch = train_batch(TrainConfig(batch_size=4, gen_length=1, bucket=16, max_qa=1), 0)
     assert (np.asarray(batch.response).sum(axis=1) == 1).all()
     assert batch.tokens.shape[1] % 16 == 0
 
@@ -298,4 +298,4 @@ def test_recall_rows_restate_what_the_checker_derives():
             n_checked += 1
         n = int(batch.lengths[r])
         assert int(np.asarray(batch.response[r])[:n].sum()) == len(answers)
-    assert n_checked > 3 * len(rows)
+    assert n_checked > 2 * len(rows)  # capped worlds: 2-4 facts, 3-5 symbols, 1+ chat facts
