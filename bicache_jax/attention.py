@@ -42,11 +42,14 @@ def default_impl() -> str:
     return "xla" if jax.default_backend() == "cpu" else "pallas"
 
 
+def _valid(size, length):
+    """[B, size]: key positions below each row's valid length."""
+    return jnp.arange(size)[None, :] < length[:, None]
+
+
 def _key_valid(cached_size, cached_len, fresh_size, fresh_len):
-    return jnp.concatenate([
-        jnp.arange(cached_size)[None, :] < cached_len[:, None],
-        jnp.arange(fresh_size)[None, :] < fresh_len[:, None],
-    ], axis=1)
+    return jnp.concatenate([_valid(cached_size, cached_len), _valid(fresh_size, fresh_len)],
+                           axis=1)
 
 
 def _attention_xla(q, cached_k, cached_v, cached_len, fresh_k, fresh_v, fresh_len,
@@ -62,9 +65,9 @@ def _attention_xla(q, cached_k, cached_v, cached_len, fresh_k, fresh_v, fresh_le
     ck, cv = (cached_k[0], cached_v[0]) if shared else (cached_k, cached_v)
     # (einsum spec, K, V, valid keys) per source; an empty cache (a plain full forward) is
     # left out. The softmax merges the sources' maxima and sums: no concatenated scores.
-    sources = [("bskd", fresh_k, fresh_v, jnp.arange(fresh_k.shape[1]) < fresh_len[:, None])]
+    sources = [("bskd", fresh_k, fresh_v, _valid(fresh_k.shape[1], fresh_len))]
     if cached_k.shape[1]:
-        sources.insert(0, (c_spec, ck, cv, jnp.arange(cached_k.shape[1]) < cached_len[:, None]))
+        sources.insert(0, (c_spec, ck, cv, _valid(cached_k.shape[1], cached_len)))
     scores = [jnp.where(valid[:, None, None, None, :],
                         jnp.einsum(f"btkgd,{spec}->bkgts", qg, k, preferred_element_type=f32)
                         * d ** -0.5, -jnp.inf)

@@ -322,7 +322,7 @@ class TrainConfig:
         return cls(**d)
 
 
-DEFAULT_RECIPE = TrainConfig()  # the shipped default model's run (README, issue 15)
+DEFAULT_RECIPE = TrainConfig()  # the default model's training run (README, issue 15)
 
 
 def _buckets(tc: TrainConfig) -> list[tuple[int, int]]:
