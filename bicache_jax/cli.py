@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
+import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,6 +140,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _in_gc_callback(frame) -> bool:
+    """Whether `frame` runs inside a `gc.callbacks` function (jax registers one)."""
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def cmd_convert(args) -> int:
     from .checkpoint import convert_checkpoint
 
@@ -147,6 +160,9 @@ def cmd_convert(args) -> int:
 
     def interrupt(signum, frame):  # SIGTERM unwinds like Ctrl-C, so save() cleans up
         signals.append(signum)
+        if _in_gc_callback(frame):  # Python would print and swallow it there: ask again
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+            return
         raise KeyboardInterrupt
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -154,7 +170,7 @@ def cmd_convert(args) -> int:
     try:
         config = convert_checkpoint(args.hf_dir, out, dtype=args.dtype,
                                     overwrite=args.overwrite)
-        if signals:  # the KeyboardInterrupt was swallowed (raised inside a gc callback)
+        if signals:  # the KeyboardInterrupt was swallowed (by a C extension or a __del__)
             shutil.rmtree(out, ignore_errors=True)
             raise KeyboardInterrupt
     except BaseException:
