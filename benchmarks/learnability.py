@@ -1,9 +1,9 @@
-"""How fast can a small LLaDA-layout model learn to read its prompt? Two synthetic probes.
+"""How fast can a small LLaDA-layout model learn to read its prompt? Three synthetic probes.
 
     python benchmarks/learnability.py [--steps-copy 400] [--steps-recall 600]
-        [--probes copy,recall] [--out PATH]
+        [--steps-format 1500] [--batch 32] [--probes copy,recall,format] [--out PATH]
 
-Both probes train with the project's trainer pieces (`train.make_batch`,
+All probes train with the project's trainer pieces (`train.make_batch`,
 `train.make_train_step`: SFT masked diffusion, flat weighting, AdamW) on fresh random rows
 every step and report held-out exact accuracy of the first canvas slot, decoded in one
 forward with the whole canvas masked, every 50 steps:
@@ -14,6 +14,10 @@ forward with the whole canvas masked, every 50 steps:
 * `recall`: `<bos> k1 = v1 ; ... kK = vK ; what ki ? <sep> | vi`: associative recall over K
   key/value pairs (the core of every task family in `bicache_jax/tasks.py`), one-slot
   canvas, K = 2 and 6.
+* `format`: recall over 4 pairs in the four combinations of a bare table (`k v`) or the
+  suite's (`k = v ;`) and a bare question (`k` right before the canvas) or the suite's
+  (`what k ? <sep>`): which part of the suite's format delays the key matching (run it
+  with `--batch 256`, the batch at which bare recall is learned).
 
 Writes `benchmarks/results/learnability_<device>.json` and prints a table. Why it exists:
 the task-suite model did not learn in a CPU hour, and these probes separate the two
@@ -59,6 +63,23 @@ def recall_row(rng: np.random.Generator, pairs: int):
             ((values[i],), True)]
 
 
+def format_row(rng: np.random.Generator, pairs: int, table: str, question: str):
+    """Recall over `pairs` pairs with the table and the question each in one of two forms:
+    table `k v` (bare) or `k = v ;` (the suite's), question `k` right before the canvas
+    (bare) or `what k ? <sep>` (the suite's: the key three tokens before the answer)."""
+    keys = [int(k) for k in rng.choice(NAMES, size=pairs, replace=False)]
+    values = [int(v) for v in rng.choice(VALUES, size=pairs)]
+    prefix = [tasks.BOS_ID]
+    for k, v in zip(keys, values, strict=True):
+        prefix += [k, v] if table == "bare" else [k, EQ, v, SEMI]
+    i = int(rng.integers(pairs))
+    ask = (keys[i],) if question == "bare" else (WHAT, keys[i], Q, tasks.SEP_ID)
+    return [(tuple(prefix), False), (ask, False), ((values[i],), True)]
+
+
+FORMATS = (("bare", "bare"), ("bare", "suite"), ("suite", "bare"), ("suite", "suite"))
+
+
 def run_probe(make_row, steps: int, tc: TrainConfig, batch: int = 32, pad_to: int = 64,
               every: int = 50) -> list[dict]:
     """Train on fresh rows; held-out first-slot accuracy (whole canvas masked) per `every`."""
@@ -93,7 +114,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps-copy", type=int, default=400)
     ap.add_argument("--steps-recall", type=int, default=600)
-    ap.add_argument("--probes", default="copy,recall", help="which probes to run")
+    ap.add_argument("--steps-format", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=32, help="rows per update")
+    ap.add_argument("--probes", default="copy,recall",
+                    help="which probes to run (copy, recall, format)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     common = dict(lr=3e-3, warmup=20, weighting="flat", seed=0)
@@ -102,23 +126,36 @@ def main(argv=None) -> None:
     for slots in (1, 2, 4, 8) if "copy" in args.probes else ():
         print(f"copy, canvas of {slots} slot(s), d64 L2", flush=True)
         t0 = time.time()
-        curve = run_probe(lambda rng, s=slots: copy_row(rng, s), args.steps_copy, small)
+        curve = run_probe(lambda rng, s=slots: copy_row(rng, s), args.steps_copy, small,
+                          batch=args.batch)
         probes.append({"probe": "copy", "canvas_slots": slots, "model": "d64 L2",
                        "curve": curve, "seconds": round(time.time() - t0, 1)})
     small = TrainConfig(d_model=64, n_layers=2, n_heads=4, steps=args.steps_recall, **common)
     for pairs in (2, 6) if "recall" in args.probes else ():
         print(f"recall, {pairs} pairs, canvas of 1 slot, d64 L2", flush=True)
         t0 = time.time()
-        curve = run_probe(lambda rng, k=pairs: recall_row(rng, k), args.steps_recall, small)
+        curve = run_probe(lambda rng, k=pairs: recall_row(rng, k), args.steps_recall, small,
+                          batch=args.batch)
         probes.append({"probe": "recall", "pairs": pairs, "canvas_slots": 1,
                        "model": "d64 L2", "curve": curve,
+                       "seconds": round(time.time() - t0, 1)})
+    fmt = TrainConfig(d_model=64, n_layers=2, n_heads=4, steps=args.steps_format,
+                      **{**common, "warmup": 100})
+    for table, question in FORMATS if "format" in args.probes else ():
+        print(f"recall, 4 pairs, table {table}, question {question}, d64 L2", flush=True)
+        t0 = time.time()
+        curve = run_probe(lambda rng, t=table, q=question: format_row(rng, 4, t, q),
+                          args.steps_format, fmt, batch=args.batch, pad_to=32, every=250)
+        probes.append({"probe": "recall", "pairs": 4, "table": table, "question": question,
+                       "canvas_slots": 1, "model": "d64 L2", "curve": curve,
                        "seconds": round(time.time() - t0, 1)})
     device = jax.devices()[0]
     result = {"machine": {"node": platform.node(), "processor": platform.processor(),
                           "python": platform.python_version()},
               "device": device.device_kind, "platform": device.platform,
-              "jax_version": jax.__version__, "batch": 32,
-              "optimizer": "AdamW lr 3e-3, 20 warmup steps, cosine decay", "probes": probes}
+              "jax_version": jax.__version__, "batch": args.batch,
+              "optimizer": "AdamW lr 3e-3, 20 warmup steps (100 for format), cosine decay",
+              "probes": probes}
     out = Path(args.out or Path(__file__).parent / "results"
                / f"learnability_{device.platform}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +169,8 @@ def markdown_table(result: dict) -> str:
              "|---|---|---|---|---|"]
     for p in result["probes"]:
         name = p["probe"] + (f" ({p['pairs']} pairs)" if "pairs" in p else "")
+        if "table" in p:
+            name += f", table {p['table']}, question {p['question']}"
         hit = first_step_above(p["curve"])
         lines.append(f"| {name} | {p['canvas_slots']} | {p['model']} | "
                      f"{p['curve'][-1]['accuracy']:.2f} | "

@@ -36,3 +36,17 @@ def test_short_run_writes_the_result(tmp_path):
         assert all(0 <= c["accuracy"] <= 1 for c in p["curve"])
     table = learnability.markdown_table(result)
     assert table.count("\n") == 7 and "not within 2" in table
+
+
+def test_format_rows_hold_their_answer_in_each_form():
+    rng = np.random.default_rng(1)
+    for table, question in learnability.FORMATS:
+        for _ in range(10):
+            (prefix, _), (ask, _), (canvas, is_resp) = learnability.format_row(
+                rng, 4, table, question)
+            step = 2 if table == "bare" else 4
+            keys, values = prefix[1::step], prefix[1 + step // 2::step]
+            assert len(keys) == 4 and len(set(keys)) == 4 and is_resp
+            key = ask[0] if question == "bare" else ask[1]
+            assert ask[-1] != tasks.SEP_ID if question == "bare" else ask[-1] == tasks.SEP_ID
+            assert canvas == (values[keys.index(key)],)
