@@ -14,10 +14,11 @@ forward with the whole canvas masked, every 50 steps:
 * `recall`: `<bos> k1 = v1 ; ... kK = vK ; what ki ? <sep> | vi`: associative recall over K
   key/value pairs (the core of every task family in `bicache_jax/tasks.py`), one-slot
   canvas, K = 2 and 6.
-* `format`: recall over 4 pairs in the four combinations of a bare table (`k v`) or the
-  suite's (`k = v ;`) and a bare question (`k` right before the canvas) or the suite's
-  (`what k ? <sep>`): which part of the suite's format delays the key matching (run it
-  with `--batch 256`, the batch at which bare recall is learned).
+* `format`: recall over 4 pairs with the table and the question in several forms (`FORMATS`:
+  bare `k v` vs the suite's `k = v ;`, a bare question `k` right before the canvas vs the
+  suite's `what k ? <sep>`, keys adjacent to values and to the canvas, a question laid
+  out like a table entry): which part of the suite's format delays the key matching (run
+  it with `--batch 256`, the batch at which bare recall is learned).
 
 Writes `benchmarks/results/learnability_<device>.json` and prints a table. Why it exists:
 the task-suite model did not learn in a CPU hour, and these probes separate the two
@@ -63,21 +64,30 @@ def recall_row(rng: np.random.Generator, pairs: int):
             ((values[i],), True)]
 
 
+TABLE_FORMS = {"bare": lambda k, v: [k, v], "suite": lambda k, v: [k, EQ, v, SEMI],
+               "adjacent": lambda k, v: [k, v, SEMI]}
+QUESTION_FORMS = {"bare": lambda k: (k,), "suite": lambda k: (WHAT, k, Q, tasks.SEP_ID),
+                  "what": lambda k: (WHAT, k), "mirror": lambda k: (k, EQ)}
+
+
 def format_row(rng: np.random.Generator, pairs: int, table: str, question: str):
-    """Recall over `pairs` pairs with the table and the question each in one of two forms:
-    table `k v` (bare) or `k = v ;` (the suite's), question `k` right before the canvas
-    (bare) or `what k ? <sep>` (the suite's: the key three tokens before the answer)."""
+    """Recall over `pairs` pairs, the table and the question each in one of several forms
+    (`TABLE_FORMS`: `k v`, the suite's `k = v ;`, `k v ;`; `QUESTION_FORMS`: `k` right
+    before the canvas, the suite's `what k ? <sep>` (the key three tokens before the
+    answer), `what k`, and `k =`, which lays the canvas out like a value of the suite's
+    table)."""
     keys = [int(k) for k in rng.choice(NAMES, size=pairs, replace=False)]
     values = [int(v) for v in rng.choice(VALUES, size=pairs)]
     prefix = [tasks.BOS_ID]
     for k, v in zip(keys, values, strict=True):
-        prefix += [k, v] if table == "bare" else [k, EQ, v, SEMI]
+        prefix += TABLE_FORMS[table](k, v)
     i = int(rng.integers(pairs))
-    ask = (keys[i],) if question == "bare" else (WHAT, keys[i], Q, tasks.SEP_ID)
-    return [(tuple(prefix), False), (ask, False), ((values[i],), True)]
+    return [(tuple(prefix), False), (QUESTION_FORMS[question](keys[i]), False),
+            ((values[i],), True)]
 
 
-FORMATS = (("bare", "bare"), ("bare", "suite"), ("suite", "bare"), ("suite", "suite"))
+FORMATS = (("bare", "bare"), ("bare", "suite"), ("suite", "bare"), ("suite", "suite"),
+           ("adjacent", "what"), ("suite", "mirror"))
 
 
 def run_probe(make_row, steps: int, tc: TrainConfig, batch: int = 32, pad_to: int = 64,

@@ -40,13 +40,15 @@ def test_short_run_writes_the_result(tmp_path):
 
 def test_format_rows_hold_their_answer_in_each_form():
     rng = np.random.default_rng(1)
+    period = {"bare": 2, "suite": 4, "adjacent": 3}
+    value_at = {"bare": 1, "suite": 2, "adjacent": 1}
+    key_at = {"bare": 0, "suite": 1, "what": 1, "mirror": 0}
     for table, question in learnability.FORMATS:
         for _ in range(10):
             (prefix, _), (ask, _), (canvas, is_resp) = learnability.format_row(
                 rng, 4, table, question)
-            step = 2 if table == "bare" else 4
-            keys, values = prefix[1::step], prefix[1 + step // 2::step]
+            keys = prefix[1::period[table]]
+            values = prefix[1 + value_at[table]::period[table]]
             assert len(keys) == 4 and len(set(keys)) == 4 and is_resp
-            key = ask[0] if question == "bare" else ask[1]
-            assert ask[-1] != tasks.SEP_ID if question == "bare" else ask[-1] == tasks.SEP_ID
-            assert canvas == (values[keys.index(key)],)
+            assert (ask[-1] == tasks.SEP_ID) == (question == "suite")
+            assert canvas == (values[keys.index(ask[key_at[question]])],)
