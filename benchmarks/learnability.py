@@ -6,7 +6,7 @@
 All probes train with the project's trainer pieces (`train.make_batch`,
 `train.make_train_step`: SFT masked diffusion, flat weighting, AdamW) on fresh random rows
 every step and report held-out exact accuracy of the first canvas slot, decoded in one
-forward with the whole canvas masked, every 50 steps:
+forward with the whole canvas masked, every 50 steps (250 for `format`):
 
 * `copy`: `<bos> n n ... n what X ? <sep> | X <eos>...`: copy the name three tokens before
   the canvas, among 5-30 distractor names. One attention hop by relative position. Run
@@ -53,17 +53,6 @@ def copy_row(rng: np.random.Generator, slots: int):
             ((x,) + (tasks.EOS_ID,) * (slots - 1), True)]
 
 
-def recall_row(rng: np.random.Generator, pairs: int):
-    keys = [int(k) for k in rng.choice(NAMES, size=pairs, replace=False)]
-    values = [int(v) for v in rng.choice(VALUES, size=pairs)]
-    prefix = [tasks.BOS_ID]
-    for k, v in zip(keys, values, strict=True):
-        prefix += [k, EQ, v, SEMI]
-    i = int(rng.integers(pairs))
-    return [(tuple(prefix), False), ((WHAT, keys[i], Q, tasks.SEP_ID), False),
-            ((values[i],), True)]
-
-
 TABLE_FORMS = {"bare": lambda k, v: [k, v], "suite": lambda k, v: [k, EQ, v, SEMI],
                "adjacent": lambda k, v: [k, v, SEMI]}
 QUESTION_FORMS = {"bare": lambda k: (k,), "suite": lambda k: (WHAT, k, Q, tasks.SEP_ID),
@@ -84,6 +73,11 @@ def format_row(rng: np.random.Generator, pairs: int, table: str, question: str):
     i = int(rng.integers(pairs))
     return [(tuple(prefix), False), (QUESTION_FORMS[question](keys[i]), False),
             ((values[i],), True)]
+
+
+def recall_row(rng: np.random.Generator, pairs: int):
+    """The `recall` probe's row: the suite's table and question."""
+    return format_row(rng, pairs, "suite", "suite")
 
 
 FORMATS = (("bare", "bare"), ("bare", "suite"), ("suite", "bare"), ("suite", "suite"),
