@@ -1,7 +1,8 @@
 """How fast can a small LLaDA-layout model learn to read its prompt? Three synthetic probes.
 
     python benchmarks/learnability.py [--steps-copy 400] [--steps-recall 600]
-        [--steps-format 1500] [--batch 32] [--probes copy,recall,format] [--out PATH]
+        [--steps-format 1500] [--batch 32] [--probes copy,recall,format]
+        [--formats bare:bare,...] [--seed 0] [--out PATH]
 
 All probes train with the project's trainer pieces (`train.make_batch`,
 `train.make_train_step`: SFT masked diffusion, flat weighting, AdamW) on fresh random rows
@@ -18,7 +19,14 @@ forward with the whole canvas masked, every 50 steps (250 for `format`):
   bare `k v` vs the suite's `k = v ;`, a bare question `k` right before the canvas vs the
   suite's `what k ? <sep>`, keys adjacent to values and to the canvas, a question laid
   out like a table entry): which part of the suite's format delays the key matching (run
-  it with `--batch 256`, the batch at which bare recall is learned).
+  it with `--batch 256`, the batch at which bare recall is learned). `--formats` picks
+  some of them and `--seed` sets the initialisation and the training rows: the key
+  matching emerges as a sudden jump whose update varies from seed to seed, so one seed
+  per form does not rank the forms.
+* `suite`: the trainer's own served facts rows (`tasks.make_instance`, contexts 24-32: a
+  table of 2-4 entries in the suite's template, one question, no packing) at d64 and d128,
+  held out on evaluation seeds: whether the template or the width is what the trainer
+  adds to the format probe's difficulty.
 
 Writes `benchmarks/results/learnability_<device>.json` and prints a table. Why it exists:
 the task-suite model did not learn in a CPU hour, and these probes separate the two
@@ -39,7 +47,7 @@ import numpy as np
 
 from bicache_jax import tasks
 from bicache_jax.model import forward
-from bicache_jax.train import TrainConfig, init_state, make_batch, make_train_step
+from bicache_jax.train import TrainConfig, init_state, make_batch, make_train_step, row_segments
 
 NAMES = [tasks.TOKEN_ID[w] for w in tasks.NAMES]
 VALUES = [tasks.TOKEN_ID[w] for w in tasks.NUMBERS]
@@ -80,17 +88,30 @@ def recall_row(rng: np.random.Generator, pairs: int):
     return format_row(rng, pairs, "suite", "suite")
 
 
+SUITE_CONTEXT = (24, 32)
+
+
+def suite_row(rng: np.random.Generator, held_out: bool = False):
+    """One served facts request of the task suite at `SUITE_CONTEXT` (a training seed, or
+    an evaluation seed when `held_out`)."""
+    seed = int(rng.integers(tasks.EVAL_SEED_START)) + (tasks.EVAL_SEED_START if held_out else 0)
+    inst = tasks.make_instance("facts", seed, int(rng.integers(4)), context=SUITE_CONTEXT)
+    return row_segments([inst], 1)
+
+
 FORMATS = (("bare", "bare"), ("bare", "suite"), ("suite", "bare"), ("suite", "suite"),
            ("adjacent", "what"), ("suite", "mirror"))
 
 
 def run_probe(make_row, steps: int, tc: TrainConfig, batch: int = 32, pad_to: int = 64,
-              every: int = 50) -> list[dict]:
-    """Train on fresh rows; held-out first-slot accuracy (whole canvas masked) per `every`."""
+              every: int = 50, make_held=None) -> list[dict]:
+    """Train on fresh rows; held-out first-slot accuracy (whole canvas masked) per `every`
+    on 128 rows of `make_held` (default `make_row`)."""
     config = tc.model_config()
     state, step_fn = init_state(tc), make_train_step(tc)
     rng = np.random.default_rng(tc.seed)
-    held = make_batch([make_row(np.random.default_rng(10_000 + i)) for i in range(128)],
+    make_held = make_held or make_row
+    held = make_batch([make_held(np.random.default_rng(10_000 + i)) for i in range(128)],
                       tc.gen_length, pad_to)
     first = np.argmax(held.response, axis=1)
     masked = jnp.asarray(np.where(held.response, tasks.MASK_ID, held.tokens))
@@ -122,9 +143,19 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=32, help="rows per update")
     ap.add_argument("--probes", default="copy,recall",
                     help="which probes to run (copy, recall, format)")
+    ap.add_argument("--formats", default=",".join(f"{t}:{q}" for t, q in FORMATS),
+                    help="format probe forms, table:question (TABLE_FORMS:QUESTION_FORMS)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="initialisation and training-row seed of every probe")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    common = dict(lr=3e-3, warmup=20, weighting="flat", seed=0)
+    formats = [tuple(f.split(":")) for f in args.formats.split(",")]
+    unknown = [f for f in formats if len(f) != 2 or f[0] not in TABLE_FORMS
+               or f[1] not in QUESTION_FORMS]
+    if unknown:
+        ap.error(f"unknown format(s) {unknown}; tables {sorted(TABLE_FORMS)}, "
+                 f"questions {sorted(QUESTION_FORMS)}")
+    common = dict(lr=3e-3, warmup=20, weighting="flat", seed=args.seed)
     small = TrainConfig(d_model=64, n_layers=2, n_heads=4, steps=args.steps_copy, **common)
     probes = []
     for slots in (1, 2, 4, 8) if "copy" in args.probes else ():
@@ -145,13 +176,23 @@ def main(argv=None) -> None:
                        "seconds": round(time.time() - t0, 1)})
     fmt = TrainConfig(d_model=64, n_layers=2, n_heads=4, steps=args.steps_format,
                       **{**common, "warmup": 100})
-    for table, question in FORMATS if "format" in args.probes else ():
+    for table, question in formats if "format" in args.probes else ():
         print(f"recall, 4 pairs, table {table}, question {question}, d64 L2", flush=True)
         t0 = time.time()
         curve = run_probe(lambda rng, t=table, q=question: format_row(rng, 4, t, q),
                           args.steps_format, fmt, batch=args.batch, pad_to=32, every=250)
         probes.append({"probe": "recall", "pairs": 4, "table": table, "question": question,
-                       "canvas_slots": 1, "model": "d64 L2", "curve": curve,
+                       "seed": args.seed, "canvas_slots": 1, "model": "d64 L2", "curve": curve,
+                       "seconds": round(time.time() - t0, 1)})
+    for width in (64, 128) if "suite" in args.probes else ():
+        print(f"suite facts rows, contexts {SUITE_CONTEXT}, d{width} L2", flush=True)
+        t0 = time.time()
+        wide = TrainConfig(d_model=width, n_layers=2, n_heads=4, steps=args.steps_format,
+                           **{**common, "warmup": 100})
+        curve = run_probe(suite_row, args.steps_format, wide, batch=args.batch, pad_to=64,
+                          every=250, make_held=lambda rng: suite_row(rng, held_out=True))
+        probes.append({"probe": "suite facts", "pairs": "2-4", "seed": args.seed,
+                       "canvas_slots": 1, "model": f"d{width} L2", "curve": curve,
                        "seconds": round(time.time() - t0, 1)})
     device = jax.devices()[0]
     result = {"machine": {"node": platform.node(), "processor": platform.processor(),
@@ -174,7 +215,9 @@ def markdown_table(result: dict) -> str:
     for p in result["probes"]:
         name = p["probe"] + (f" ({p['pairs']} pairs)" if "pairs" in p else "")
         if "table" in p:
-            name += f", table {p['table']}, question {p['question']}"
+            name += f", table {p['table']}, question {p['question']}, seed {p.get('seed', 0)}"
+        elif "seed" in p:
+            name += f", seed {p['seed']}"
         hit = first_step_above(p["curve"])
         lines.append(f"| {name} | {p['canvas_slots']} | {p['model']} | "
                      f"{p['curve'][-1]['accuracy']:.2f} | "

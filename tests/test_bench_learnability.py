@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import learnability  # noqa: E402
@@ -52,3 +53,28 @@ def test_format_rows_hold_their_answer_in_each_form():
             assert len(keys) == 4 and len(set(keys)) == 4 and is_resp
             assert (ask[-1] == tasks.SEP_ID) == (question == "suite")
             assert canvas == (values[keys.index(ask[key_at[question]])],)
+
+
+def test_format_probe_runs_the_forms_and_seed_asked_for(tmp_path):
+    out = tmp_path / "fmt.json"
+    learnability.main(["--probes", "format", "--steps-format", "1", "--batch", "4",
+                       "--formats", "adjacent:what", "--seed", "3", "--out", str(out)])
+    (probe,) = json.loads(out.read_text())["probes"]
+    assert (probe["table"], probe["question"], probe["seed"]) == ("adjacent", "what", 3)
+    with pytest.raises(SystemExit):
+        learnability.main(["--probes", "format", "--formats", "adjacent:how"])
+
+
+def test_suite_rows_are_served_facts_requests_held_out_on_eval_seeds():
+    rng = np.random.default_rng(2)
+    for held_out in (False, True):
+        for _ in range(10):
+            (prefix, p_resp), (prompt, q_resp), (canvas, is_resp) = learnability.suite_row(
+                rng, held_out=held_out)
+            assert is_resp and not (p_resp or q_resp)
+            assert tasks.check_answer(tasks.decode(prefix), tasks.decode(prompt)) == \
+                tasks.decode(canvas)
+            assert len(prefix) + len(prompt) <= learnability.SUITE_CONTEXT[1] + 16
+    train = {learnability.suite_row(np.random.default_rng(i))[0][0] for i in range(50)}
+    held = {learnability.suite_row(np.random.default_rng(i), True)[0][0] for i in range(50)}
+    assert not train & held  # never the same world (their seeds differ by EVAL_SEED_START)
