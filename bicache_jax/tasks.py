@@ -4,13 +4,12 @@ Every instance looks like a served request: a long shared **prefix** (a "system 
 the answer depends on), a short per-request **prompt** (optional filler, then a question)
 and a short **answer**. Three families:
 
-* `facts`: a table `key = value ;` (values are the number words `10` .. `41`) in the
-  prefix; the question asks for the value of one key (`what is kab ?` -> `47`).
-* `fewshot`: examples `A C -> Q X ;` in the prefix define a per-instance symbol
-  substitution (3-5 source symbols onto as many other symbols, applied position by
-  position); the question asks for the image of one
-  symbol the examples cover (`input : C -> ?` -> `X`), which no single example pair
-  states on its own: its position inside an example decides its image.
+* `facts`: a table `key value ;` (values are the number words `10` .. `41`) in the
+  prefix; the question asks for the value of one key (`question : what is kab` -> `47`).
+* `fewshot`: examples `A Q C X ;` in the prefix demonstrate a per-instance symbol
+  substitution (3-5 source symbols onto as many other symbols), each example a two-symbol
+  input with every symbol followed by its image, repeated in random combinations; the
+  question asks for the image of one symbol the examples cover (`input : C` -> `X`).
 * `dialog`: a multi-turn chat in the prefix where user turns state facts
   (`the city of kab is rome .`), later statements overriding earlier ones (`now the city
   of kab is oslo .`), between chit-chat turns; the last turn asks about one of them
@@ -27,6 +26,14 @@ Seeds: an instance is a pure function of `(family, seed, question)`. The prefix 
 "world": table, examples, chat) depends only on `(family, seed)`; `question` picks one of
 several requests sharing that prefix (different question, different filler). Training
 uses seeds in `[0, EVAL_SEED_START)`, evaluation seeds `>= EVAL_SEED_START` (= 1_000_000).
+
+Layout: in facts and fewshot a value directly follows its key and the question ends with
+the asked key, so the answer slot sits where a value sits in the table. The suite once
+separated them (`kab = 47 ;`, `what is kab ? <sep>`, images three tokens after their
+source). In the format probe (`benchmarks/learnability.py --probes format`, 4 pairs, seed
+1) the separated form was at 48% after 3,000 updates, still leaving the plateau of copying
+any value of the table, while with adjacent keys and values the key matching emerged at
+update 1,500-1,750 (96% at 3,000); see the README.
 
 Tokens: a word-level vocabulary of our own (`VOCAB`, ids fixed by construction) with the
 special tokens `<pad> <bos> <eos> <mask> <sep> <unk>`; `build_tokenizer` builds (and
@@ -268,7 +275,7 @@ def _facts_world(rng: np.random.Generator, p_target: int):
     table: list[tuple[str, list[str]]] = []
     while len(table) < n_max:
         value = [str(rng.choice(_NUMBERS_ARR))]
-        fact = [keys[len(table)], "=", *value, ";"]
+        fact = [keys[len(table)], *value, ";"]
         if len(table) >= 2 and len(header) + len(body) + len(fact) + 1 > p_target:
             break
         body += fact
@@ -278,8 +285,7 @@ def _facts_world(rng: np.random.Generator, p_target: int):
 
 def _facts_question(rng: np.random.Generator, table):
     i = int(rng.integers(len(table)))
-    return (["question", ":", "what", "is", table[i][0], "?", SEP], list(table[i][1]),
-            [table[i][0]])
+    return ["question", ":", "what", "is", table[i][0]], list(table[i][1]), [table[i][0]]
 
 
 def _fewshot_world(rng: np.random.Generator, p_target: int):
@@ -300,7 +306,7 @@ def _fewshot_world(rng: np.random.Generator, p_target: int):
         seq = todo[:length]
         seq += [str(s) for s in rng.choice(src, size=length - len(seq))]
         seq = [str(s) for s in rng.permutation(seq)]
-        ex = [*seq, "->", *(mapping[s] for s in seq), ";"]
+        ex = [w for s in seq for w in (s, mapping[s])] + [";"]
         if (n_ex >= 2 and not todo) and len(header) + len(body) + len(ex) + 1 > p_target:
             break
         if n_ex >= MAX_EXAMPLES and not todo:
@@ -314,7 +320,7 @@ def _fewshot_world(rng: np.random.Generator, p_target: int):
 def _fewshot_question(rng: np.random.Generator, world):
     src, mapping, _ = world
     sym = str(rng.choice(src))
-    return ["input", ":", sym, "->", "?", SEP], [mapping[sym]], [sym]
+    return ["input", ":", sym], [mapping[sym]], [sym]
 
 
 _CHITCHAT = (["tell", "me", "something", "."], ["tell", "me", "something", "about"])
@@ -423,8 +429,8 @@ def recall_segments(family: str, seed: int, order_seed: int, *,
     """A dense training view of the world `(family, seed)`: its prefix, then a restatement.
 
     Returns `(prefix_ids, items)`; each item is `(ids, is_answer)` where the answer pieces
-    are what a model must retrieve from the prefix: every fact `K = V ;` (facts), every
-    symbol `S -> T ;` (fewshot), every final fact `the ATTR of P is V .` (dialog), in an
+    are what a model must retrieve from the prefix: every fact `K V ;` (facts), every
+    symbol `S T ;` (fewshot), every final fact `the ATTR of P is V .` (dialog), in an
     order drawn from `order_seed`, after `recall :`. Used only to train retrieval densely
     (many retrieved tokens per forward); never served, never evaluated.
     """
@@ -435,12 +441,12 @@ def recall_segments(family: str, seed: int, order_seed: int, *,
     if family == "facts":
         for i in rng.permutation(len(world)):
             key, value = world[int(i)]
-            items += [((ids[key], ids["="]), False), (tuple(ids[v] for v in value), True),
+            items += [((ids[key],), False), (tuple(ids[v] for v in value), True),
                       ((ids[";"],), False)]
     elif family == "fewshot":
         src, mapping, _ = world
         for i in rng.permutation(len(src)):
-            items += [((ids[src[int(i)]], ids["->"]), False),
+            items += [((ids[src[int(i)]],), False),
                       ((ids[mapping[src[int(i)]]],), True), ((ids[";"],), False)]
     elif family == "dialog":
         state, _ = world
@@ -510,11 +516,10 @@ def _body(prefix_text: str, header: str) -> list[str]:
 
 
 def _question(prompt_text: str) -> list[str]:
-    """The prompt without its filler note and final `<sep>`."""
+    """The prompt without its filler note (and a dialog prompt's final `<sep>`)."""
     words = prompt_text.split()
-    if not words or words[-1] != SEP:
-        raise ValueError(f"prompt does not end with {SEP}: {prompt_text!r}")
-    words = words[:-1]
+    if words[-1:] == [SEP]:
+        words = words[:-1]
     if words[:2] == ["note", ":"]:
         words = words[words.index(".") + 1:]
     return words
@@ -532,10 +537,10 @@ def check_answer(prefix_text: str, prompt_text: str) -> str:
     if family == "facts":
         table = {}
         for clause in _split_clauses(_body(prefix_text, "facts"), ";"):
-            if len(clause) < 3 or clause[1] != "=":
+            if len(clause) < 2:
                 raise ValueError(f"bad fact {clause}")
-            table[clause[0]] = clause[2:]
-        if len(q) != 6 or q[:4] != ["question", ":", "what", "is"] or q[-1] != "?":
+            table[clause[0]] = clause[1:]
+        if len(q) != 5 or q[:4] != ["question", ":", "what", "is"]:
             raise ValueError(f"bad question {q}")
         if q[4] not in table:
             raise ValueError(f"key {q[4]!r} not in the table")
@@ -543,17 +548,15 @@ def check_answer(prefix_text: str, prompt_text: str) -> str:
     if family == "examples":
         mapping: dict[str, str] = {}
         for clause in _split_clauses(_body(prefix_text, "examples"), ";"):
-            arrow = clause.index("->")
-            left, right = clause[:arrow], clause[arrow + 1:]
-            if len(left) != len(right):
-                raise ValueError(f"example sides differ in length: {clause}")
-            for a, b in zip(left, right, strict=True):
+            if len(clause) % 2:
+                raise ValueError(f"an example is symbol-image pairs: {clause}")
+            for a, b in zip(clause[::2], clause[1::2], strict=True):
                 if mapping.setdefault(a, b) != b:
                     raise ValueError(f"inconsistent examples for {a!r}")
-        if q[:2] != ["input", ":"] or q[-2:] != ["->", "?"]:
+        if q[:2] != ["input", ":"] or len(q) < 3:
             raise ValueError(f"bad question {q}")
         try:
-            return " ".join(mapping[s] for s in q[2:-2])
+            return " ".join(mapping[s] for s in q[2:])
         except KeyError as e:
             raise ValueError(f"symbol {e} not defined by the examples") from e
     if family == "chat":

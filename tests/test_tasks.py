@@ -19,20 +19,25 @@ def test_checker_agrees_with_generator(family):
             assert 1 <= len(inst.answer_ids) < tasks.GEN_LENGTH
             assert tasks.UNK_ID not in inst.prefix_ids + inst.prompt_ids + inst.answer_ids
             assert inst.prefix_ids[0] == tasks.BOS_ID
-            assert inst.prefix_ids[-1] == inst.prompt_ids[-1] == tasks.SEP_ID
+            assert inst.prefix_ids[-1] == tasks.SEP_ID
+            # facts and fewshot end the question with the asked key, where the answer
+            # slot follows it as a value follows its key in the prefix.
+            last = tasks.SEP if family == "dialog" else inst.meta["topic"][0]
+            assert inst.prompt_text.split()[-1] == last
 
 
 def test_checker_hand_examples():
-    assert tasks.check_answer("<bos> system : facts . kab = 47 ; dov = 12 ; <sep>",
-                              "note : nice . question : what is dov ? <sep>") == "12"
+    assert tasks.check_answer("<bos> system : facts . kab 47 ; dov 12 ; <sep>",
+                              "note : nice . question : what is dov") == "12"
     # A system note padding the prefix is not part of the table.
-    assert tasks.check_answer("<bos> system : facts . note : dov = 3 . kab = 47 ; <sep>",
-                              "question : what is kab ? <sep>") == "47"
-    assert tasks.check_answer("<bos> system : examples . A B -> C D ; B E -> D F ; <sep>",
-                              "input : E -> ? <sep>") == "F"
-    # The checker reads examples of any length (the generator writes length 2).
-    assert tasks.check_answer("<bos> system : examples . A B E -> C D F ; <sep>",
-                              "input : E A B -> ? <sep>") == "F C D"
+    assert tasks.check_answer("<bos> system : facts . note : dov 3 . kab 47 ; <sep>",
+                              "question : what is kab") == "47"
+    assert tasks.check_answer("<bos> system : examples . A C B D ; B D E F ; <sep>",
+                              "input : E") == "F"
+    # The checker reads examples of any length and multi-symbol inputs (the generator
+    # writes two symbols per example and asks for one).
+    assert tasks.check_answer("<bos> system : examples . A C B D E F ; <sep>",
+                              "input : E A B") == "F C D"
     chat = ("<bos> system : chat . user : the city of kab is rome . assistant : ok . "
             "user : tell me something . assistant : rain . "
             "user : now the city of kab is oslo . assistant : noted . <sep>")
@@ -40,11 +45,11 @@ def test_checker_hand_examples():
     with pytest.raises(ValueError):
         tasks.check_answer(chat, "user : what is the pet of kab ? assistant : <sep>")
     with pytest.raises(ValueError):
-        tasks.check_answer("<bos> system : facts . kab = 4 ; <sep>",
-                           "question : what is dov ? <sep>")
+        tasks.check_answer("<bos> system : facts . kab 4 ; <sep>", "question : what is dov")
     with pytest.raises(ValueError):  # inconsistent substitution
-        tasks.check_answer("<bos> system : examples . A B -> C D ; A -> E ; <sep>",
-                           "input : A -> ? <sep>")
+        tasks.check_answer("<bos> system : examples . A C B D ; A E ; <sep>", "input : A")
+    with pytest.raises(ValueError):  # a symbol without its image
+        tasks.check_answer("<bos> system : examples . A C B ; <sep>", "input : A")
 
 
 @pytest.mark.parametrize("family", tasks.FAMILIES)

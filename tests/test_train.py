@@ -1,6 +1,7 @@
 """The masked-diffusion objective on hand-checked cases, the SFT mask, and the trainer:
 loss goes down, a resumed run reproduces the uninterrupted loss curve."""
 
+import dataclasses
 import json
 import math
 
@@ -263,8 +264,10 @@ def test_packed_rows_mask_only_answers_and_never_repeat_a_topic():
 
 def test_curriculum_caps_the_context_then_releases_it():
     tc = TrainConfig(batch_size=16, curriculum=100, curriculum_start=32, context_min=24,
-                     context_max=120)
+                     context_max=120, curriculum_hold=0)
     assert [context_cap(tc, s) for s in (0, 50, 99, 100, 5000)] == [32, 76, 119, 120, 120]
+    held = dataclasses.replace(tc, curriculum_hold=30)  # the start holds, then the same ramp
+    assert [context_cap(held, s) for s in (0, 29, 30, 80, 129, 130)] == [32, 32, 32, 76, 119, 120]
     assert context_cap(TrainConfig(context_max=120, curriculum=0), 0) == 120  # none
     # (a minimal world plus its question may overshoot a small cap by a few tokens)
     early = [x.context_len for s in range(5) for x in train_instances(tc, s)]
@@ -289,9 +292,9 @@ def test_recall_rows_restate_what_the_checker_derives():
         for clause, answer in zip([c.split() for c in clauses if c.strip()], answers,
                                   strict=False):
             if family == "facts":
-                question = f"question : what is {clause[0]} ? <sep>"
+                question = f"question : what is {clause[0]}"
             elif family == "examples":
-                question = f"input : {clause[0]} -> ? <sep>"
+                question = f"input : {clause[0]}"
             else:
                 question = f"user : what is the {clause[1]} of {clause[3]} ? assistant : <sep>"
             assert tasks.check_answer(prefix, question) == answer == clause[-1]
