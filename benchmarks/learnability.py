@@ -199,7 +199,8 @@ def main(argv=None) -> None:
                           "python": platform.python_version()},
               "device": device.device_kind, "platform": device.platform,
               "jax_version": jax.__version__, "batch": args.batch,
-              "optimizer": "AdamW lr 3e-3, 20 warmup steps (100 for format), cosine decay",
+              "optimizer": "AdamW lr 3e-3, 20 warmup steps (100 for format and suite), "
+                           "cosine decay",
               "probes": probes}
     out = Path(args.out or Path(__file__).parent / "results"
                / f"learnability_{device.platform}.json")
