@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps-format", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=32, help="rows per update")
     ap.add_argument("--probes", default="copy,recall",
-                    help="which probes to run (copy, recall, format)")
+                    help="which probes to run (copy, recall, format, suite)")
     ap.add_argument("--formats", default=",".join(f"{t}:{q}" for t, q in FORMATS),
                     help="format probe forms, table:question (TABLE_FORMS:QUESTION_FORMS)")
     ap.add_argument("--seed", type=int, default=0,
@@ -174,22 +174,22 @@ def main(argv=None) -> None:
         probes.append({"probe": "recall", "pairs": pairs, "canvas_slots": 1,
                        "model": "d64 L2", "curve": curve,
                        "seconds": round(time.time() - t0, 1)})
-    fmt = TrainConfig(d_model=64, n_layers=2, n_heads=4, steps=args.steps_format,
-                      **{**common, "warmup": 100})
+    def slow(width: int) -> TrainConfig:  # the format and suite probes' longer runs
+        return TrainConfig(d_model=width, n_layers=2, n_heads=4, steps=args.steps_format,
+                           **{**common, "warmup": 100})
+
     for table, question in formats if "format" in args.probes else ():
         print(f"recall, 4 pairs, table {table}, question {question}, d64 L2", flush=True)
         t0 = time.time()
         curve = run_probe(lambda rng, t=table, q=question: format_row(rng, 4, t, q),
-                          args.steps_format, fmt, batch=args.batch, pad_to=32, every=250)
+                          args.steps_format, slow(64), batch=args.batch, pad_to=32, every=250)
         probes.append({"probe": "recall", "pairs": 4, "table": table, "question": question,
                        "seed": args.seed, "canvas_slots": 1, "model": "d64 L2", "curve": curve,
                        "seconds": round(time.time() - t0, 1)})
     for width in (64, 128) if "suite" in args.probes else ():
         print(f"suite facts rows, contexts {SUITE_CONTEXT}, d{width} L2", flush=True)
         t0 = time.time()
-        wide = TrainConfig(d_model=width, n_layers=2, n_heads=4, steps=args.steps_format,
-                           **{**common, "warmup": 100})
-        curve = run_probe(suite_row, args.steps_format, wide, batch=args.batch, pad_to=64,
+        curve = run_probe(suite_row, args.steps_format, slow(width), batch=args.batch, pad_to=64,
                           every=250, make_held=lambda rng: suite_row(rng, held_out=True))
         probes.append({"probe": "suite facts", "pairs": "2-4", "seed": args.seed,
                        "canvas_slots": 1, "model": f"d{width} L2", "curve": curve,

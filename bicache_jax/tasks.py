@@ -121,7 +121,7 @@ DEFAULT_CONTEXT = (24, 120)  # context (prefix + prompt) length range, tokens
 # the prefix, the simplest form of each family: the canvas is identical mask tokens with no
 # position embedding, so a multi-token answer would also need each slot to work out its
 # own index from relative attention alone (benchmarks/learnability.py measures both costs).
-EXAMPLE_LEN = 2  # symbols per side of a fewshot example
+EXAMPLE_LEN = 2  # source symbols per fewshot example (each followed by its image)
 # World sizes are capped (facts per table, examples, chat turns): a two-layer model on two
 # CPU cores learns retrieval among a few distractors in minutes and among 27 in hours
 # (issue 15's probes). A prefix whose capped content is shorter than its target length is
@@ -290,8 +290,8 @@ def _facts_question(rng: np.random.Generator, table):
 
 def _fewshot_world(rng: np.random.Generator, p_target: int):
     n_sym = int(rng.integers(3, 6))
-    # Sources and images are disjoint symbols: the asked symbol occurs only on the left of
-    # the examples (an image equal to a source made a second, misleading match).
+    # Sources and images are disjoint symbols: the asked symbol occurs only in the source
+    # slots of the examples (an image equal to a source made a second, misleading match).
     drawn = [str(s) for s in rng.choice(_SYMBOLS_ARR, size=2 * n_sym, replace=False)]
     src, dst = drawn[:n_sym], drawn[n_sym:]
     mapping = dict(zip(src, dst, strict=True))

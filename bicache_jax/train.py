@@ -293,7 +293,7 @@ class TrainConfig:
     response_mask: str = "all"  # "all": SFT rows mask the whole response (t = 1)
     gen_length: int = 1
     context_min: int = tasks.DEFAULT_CONTEXT[0]
-    context_max: int = 96  # below the suite's 120: 3,000 updates fit 45 CPU minutes
+    context_max: int = 96  # below the suite's 120: the recipe's updates fit 45 CPU minutes
     bucket: int = 16
     families: tuple[str, ...] = tasks.FAMILIES
     # model size
