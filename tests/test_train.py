@@ -275,6 +275,17 @@ def test_curriculum_caps_the_context_then_releases_it():
     assert max(early) <= 40 and max(late) > 90
 
 
+def test_family_curriculum_draws_the_first_families_then_all():
+    tc = TrainConfig(batch_size=48, first_families=("facts",), first_steps=10)
+    early = {x.family for s in (0, 9) for x in train_instances(tc, s)}
+    late = {x.family for s in (10, 11) for x in train_instances(tc, s)}
+    assert early == {"facts"} and late == set(tasks.FAMILIES)
+    with pytest.raises(ValueError, match="subset of families"):
+        TrainConfig(families=("dialog",), first_families=("facts",), first_steps=10)
+    assert TrainConfig(families=("dialog",), first_steps=0).families == ("dialog",)
+    assert TrainConfig.from_json(tc.to_json()) == tc
+
+
 def test_recall_rows_restate_what_the_checker_derives():
     # Every answer of a recall row is what the independent checker derives from the
     # prefix for the matching question; only those answers are maskable.
