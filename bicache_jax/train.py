@@ -314,11 +314,10 @@ class TrainConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        if self.first_steps > 0 and not set(self.first_families) <= set(self.families):
+        if self.first_steps > 0 and not (self.first_families
+                                         and set(self.first_families) <= set(self.families)):
             raise ValueError(f"first_families {self.first_families} must be a non-empty "
                              f"subset of families {self.families} (or first_steps 0)")
-        if self.first_steps > 0 and not self.first_families:
-            raise ValueError("first_families is empty (set first_steps 0 for none)")
 
     def model_config(self) -> ModelConfig:
         """The LLaDA-layout `ModelConfig` of this run (vocabulary of `tasks`)."""
@@ -829,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
-        if f.name in ("families", "first_families"):
+        if isinstance(default, tuple):  # family lists
             p.add_argument(flag, default=",".join(default),
                            help=f"comma-separated subset of {tasks.FAMILIES}")
         elif isinstance(default, bool):
@@ -846,7 +845,8 @@ def train_main(argv: Sequence[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    for name in ("families", "first_families"):
+    for name in [f.name for f in dataclasses.fields(TrainConfig)
+                 if isinstance(getattr(DEFAULT_RECIPE, f.name), tuple)]:
         values[name] = tuple(s for s in getattr(args, name).split(",") if s)
         unknown = set(values[name]) - set(tasks.FAMILIES)
         if unknown:
