@@ -46,7 +46,10 @@ def paired_section(path: Path) -> str:
             f"{s['steps']} steps, blocks of {s['block_length']}, {s['repeats']} requests per "
             f"policy, each repeat sending one request through every policy in turn; speedup ="
             f" median of the per-repeat time ratios. Float32 matmul peak measured in the same "
-            f"run: {1000 * result['peak_tflops']:.0f} GFLOP/s. {result['flop_bound']}\n\n"
+            f"run: {1000 * result['peak_tflops']:.0f} GFLOP/s"
+            + (f", memory bandwidth {result['memory_gbps']:.1f} GB/s. "
+               f"{result['flop_bound']} {result['roofline_bound']}\n\n"
+               if "memory_gbps" in result else f". {result['flop_bound']}\n\n")
             + bench.paired_markdown(result) + "\n")
 
 
