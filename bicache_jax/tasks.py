@@ -7,9 +7,10 @@ and a short **answer**. Three families:
 * `facts`: a table `key value ;` (values are the number words `10` .. `41`) in the
   prefix; the question asks for the value of one key (`question : what is kab` -> `47`).
 * `fewshot`: examples `A Q C X ;` in the prefix demonstrate a per-instance symbol
-  substitution (3-5 source symbols onto as many other symbols), each example a two-symbol
-  input with every symbol followed by its image, repeated in random combinations; the
-  question asks for the image of one symbol the examples cover (`input : C` -> `X`).
+  substitution (3-5 of the source symbols A-M onto as many of the image symbols N-Z), each
+  example a two-symbol input with every symbol followed by its image, repeated in random
+  combinations; the question asks for the image of one symbol the examples cover
+  (`input : C` -> `X`).
 * `dialog`: a multi-turn chat in the prefix where user turns state facts
   (`the city of kab is rome .`), later statements overriding earlier ones (`now the city
   of kab is oslo .`), between chit-chat turns; the last turn asks about one of them
@@ -68,6 +69,9 @@ TEMPLATE_WORDS = (
 DIGITS = tuple(str(i) for i in range(10))
 NUMBERS = tuple(str(i) for i in range(10, 42))  # the 32 facts values, one token each
 SYMBOLS = tuple(chr(ord("A") + i) for i in range(26))
+# Fewshot substitutes symbols of the first half of the alphabet (sources) with symbols of
+# the second (images): the two roles never share a symbol, as facts' names and numbers.
+SOURCES, IMAGES = SYMBOLS[:13], SYMBOLS[13:]
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 # 32 three-letter key / person names: consonant-vowel-consonant, a fixed deterministic pick.
@@ -106,8 +110,8 @@ VOCAB_SIZE = 320  # model vocabulary (>= len(VOCAB); the spare ids are never pro
 assert len(VOCAB) <= VOCAB_SIZE
 # numpy arrays of the word lists: `rng.choice` / `rng.permutation` draw the same values
 # from an array as from the tuple, without converting the tuple on every call.
-_FILLER_ARR, _NAMES_ARR, _NUMBERS_ARR, _SYMBOLS_ARR = (
-    np.array(w) for w in (FILLER_WORDS, NAMES, NUMBERS, SYMBOLS))
+_FILLER_ARR, _NAMES_ARR, _NUMBERS_ARR, _SOURCES_ARR, _IMAGES_ARR = (
+    np.array(w) for w in (FILLER_WORDS, NAMES, NUMBERS, SOURCES, IMAGES))
 _ATTRIBUTE_ARRS = {k: np.array(v) for k, v in ATTRIBUTES.items()}
 
 PAD_ID, BOS_ID, EOS_ID, MASK_ID, SEP_ID, UNK_ID = (TOKEN_ID[t] for t in SPECIAL_TOKENS)
@@ -126,8 +130,10 @@ EXAMPLE_LEN = 2  # source symbols per fewshot example (each followed by its imag
 # CPU cores learns retrieval among a few distractors in minutes and among 27 in hours
 # (issue 15's probes). A prefix whose capped content is shorter than its target length is
 # padded with a system note (`note : words .` after the header), so the prefix ratio still
-# spans the suite's range while the answer depends on the prefix content.
-MAX_FACTS, MAX_EXAMPLES, MAX_TURNS = 4, 5, 10
+# spans the suite's range while the answer depends on the prefix content. Fewshot worlds
+# keep 3 examples (6 symbol pairs): with up to 5 a trained candidate answered 96% of
+# held-out worlds of 2 examples and 78% of those of 5 (README).
+MAX_FACTS, MAX_EXAMPLES, MAX_TURNS = 4, 3, 10
 
 
 def encode(text: str) -> list[int]:
@@ -276,7 +282,7 @@ def _facts_world(rng: np.random.Generator, p_target: int):
     while len(table) < n_max:
         value = [str(rng.choice(_NUMBERS_ARR))]
         fact = [keys[len(table)], *value, ";"]
-        if len(table) >= 2 and len(header) + len(body) + len(fact) + 1 > p_target:
+        if table and len(header) + len(body) + len(fact) + 1 > p_target:
             break
         body += fact
         table.append((keys[len(table)], value))
@@ -292,8 +298,8 @@ def _fewshot_world(rng: np.random.Generator, p_target: int):
     n_sym = int(rng.integers(3, 6))
     # Sources and images are disjoint symbols: the asked symbol occurs only in the source
     # slots of the examples (an image equal to a source made a second, misleading match).
-    drawn = [str(s) for s in rng.choice(_SYMBOLS_ARR, size=2 * n_sym, replace=False)]
-    src, dst = drawn[:n_sym], drawn[n_sym:]
+    src = [str(s) for s in rng.choice(_SOURCES_ARR, size=n_sym, replace=False)]
+    dst = [str(s) for s in rng.choice(_IMAGES_ARR, size=n_sym, replace=False)]
     mapping = dict(zip(src, dst, strict=True))
     header = [BOS, "system", ":", "examples", "."]
     body: list[str] = []

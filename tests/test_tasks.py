@@ -70,7 +70,7 @@ def test_eval_seeds_disjoint_from_training():
     assert all(x.meta["seed"] >= tasks.EVAL_SEED_START for x in ev)
     with pytest.raises(ValueError):
         tasks.eval_instances(4, seed=tasks.EVAL_SEED_START - 1)
-    tc = TrainConfig(batch_size=16)
+    tc = TrainConfig(batch_size=16, pair_steps=0)  # suite rows from the first update
     for step in range(20):
         instances = train_instances(tc, step)
         assert all(x.meta["seed"] < tasks.EVAL_SEED_START for x in instances)
@@ -116,9 +116,13 @@ def test_world_sizes_are_capped_and_long_prefixes_padded(family):
             assert body.count(";") <= tasks.MAX_FACTS
         elif family == "fewshot":
             assert body.count(";") <= tasks.MAX_EXAMPLES
-            images = {w for ex in " ".join(body).split(";") if "->" in ex
-                      for w in ex.split("->")[1].split()}
-            assert x.question_ids[2] not in {tasks.TOKEN_ID[w] for w in images}
+            # each example is (source, image) pairs: sources from the alphabet's first
+            # half, images from its second, and the question asks a source
+            pairs = [ex.split() for ex in " ".join(body).split(";") if ex.strip()]
+            sources = {w for ex in pairs for w in ex[::2]}
+            images = {w for ex in pairs for w in ex[1::2]}
+            assert sources <= set(tasks.SOURCES) and images <= set(tasks.IMAGES)
+            assert tasks.decode(x.question_ids[2:]) in sources
         else:
             assert body.count("user") <= tasks.MAX_TURNS
     if family == "dialog":  # ten chat turns can fill a long prefix on their own
