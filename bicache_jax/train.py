@@ -31,8 +31,18 @@ prefix's world restated item by item (`tasks.recall_segments`: every fact, every
 image, every latest chat fact) with only the retrieved tokens maskable: many retrievals
 per forward, in the prefix's own format. They are training data only, never served.
 
-Family curriculum (`TrainConfig.first_steps`): the first `first_steps` updates draw their
-rows from `first_families` only (the recipe: facts), then from every family.
+Pair rows (`TrainConfig.pair_steps`, `pair_frac`): bare key-value drills `k v ; k v ; k |
+v` in the suite's own token classes (names onto numbers with a `;` after each pair, as in
+facts; symbols onto other symbols with a `;` after every two pairs, as in fewshot), the
+asked key right before the one-slot canvas. The first `pair_steps` updates train on them
+alone, the first `pair_two_steps` of those with exactly two pairs (8-token rows), then 2 to
+`PAIR_MAX` pairs; afterwards a share `pair_frac` of the rows of every batch padded to at most
+`PAIR_EDGE` tokens stays pair rows (padded to longer rows they would mostly compute
+padding). Key
+matching (find the asked key, read the token after it: what facts and fewshot need) emerges
+on these short rows within a few hundred updates, where the suite's rows (3-6x longer, the
+key among template words and filler) held every earlier run on the copy-any-value plateau
+for thousands (README). `family_weights` sets the families' shares of the suite rows.
 
 Curriculum (`TrainConfig.curriculum`): the longest context stays at `curriculum_start`
 for `curriculum_hold` steps, then grows linearly to `context_max` over `curriculum` steps
@@ -277,7 +287,7 @@ CONTEXT_OVERSHOOT = 16
 class TrainConfig:
     """Everything that determines a training run (saved as `train_config.json`)."""
 
-    steps: int = 4400
+    steps: int = 3600
     batch_size: int = 256
     seed: int = 0
     lr: float = 3e-3
@@ -290,22 +300,25 @@ class TrainConfig:
     max_qa: int = 1  # requests per training row (1..max_qa, sharing the prefix); packing
     # more held the trainer on the copy-any-value plateau (stopped_runs_3000steps_cpu.json)
     recall_frac: float = 0.0  # share of rows that are dense recall rows (`_recall_row`)
-    curriculum: int = 800  # steps over which the longest context grows to context_max
-    curriculum_start: int = 32  # the longest context at step 0 (with curriculum > 0)
-    curriculum_hold: int = 3000  # steps the longest context stays at curriculum_start
+    curriculum: int = 400  # steps over which the longest context grows to context_max
+    # the longest context at step 0 (with curriculum > 0): 31 keeps one bucket, rows of 32
+    curriculum_start: int = 31
+    curriculum_hold: int = 2800  # steps the longest context stays at curriculum_start
     stratified_t: bool = True
     weighting: str = "flat"
     response_mask: str = "all"  # "all": SFT rows mask the whole response (t = 1)
     gen_length: int = 1
     context_min: int = tasks.DEFAULT_CONTEXT[0]
-    context_max: int = 96  # below the suite's 120 (the recipe: 47 min on 2 cores, README)
+    # below the suite's 120 (time: README); 95, not 96, saves a bucket of 112-token rows
+    context_max: int = 95
     bucket: int = 16
     families: tuple[str, ...] = tasks.FAMILIES
-    # The first `first_steps` updates draw only `first_families`: key matching is learned
-    # on the facts tables alone (mixed from update 0 it was not; README), then dialog
-    # follows; fewshot has not yet (candidate_family_curriculum_4400steps).
-    first_families: tuple[str, ...] = ("facts",)
-    first_steps: int = 2000
+    # Relative share of each family of `tasks.FAMILIES` among the suite rows (those not in
+    # `families` are skipped); fewshot, learned last, gets twice the rows.
+    family_weights: tuple[float, ...] = (1.0, 2.0, 1.0)
+    pair_steps: int = 1800  # the first updates train on pair rows alone (`pair_row`) ...
+    pair_two_steps: int = 800  # ... the first of them (if fewer) with two pairs per row
+    pair_frac: float = 0.25  # share of pair rows in later batches of rows <= PAIR_EDGE
     # model size
     d_model: int = 128
     n_layers: int = 2
@@ -314,10 +327,13 @@ class TrainConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        if self.first_steps > 0 and not (self.first_families
-                                         and set(self.first_families) <= set(self.families)):
-            raise ValueError(f"first_families {self.first_families} must be a non-empty "
-                             f"subset of families {self.families} (or first_steps 0)")
+        if len(self.family_weights) != len(tasks.FAMILIES) or min(self.family_weights) <= 0:
+            raise ValueError(f"family_weights {self.family_weights} must give one positive "
+                             f"weight per family of {tasks.FAMILIES}")
+        if min(self.pair_steps, self.pair_two_steps) < 0 or not 0 <= self.pair_frac <= 1:
+            raise ValueError(f"pair_steps {self.pair_steps} and pair_two_steps "
+                             f"{self.pair_two_steps} must be >= 0, pair_frac {self.pair_frac} "
+                             f"in [0, 1]")
 
     def model_config(self) -> ModelConfig:
         """The LLaDA-layout `ModelConfig` of this run (vocabulary of `tasks`)."""
@@ -337,8 +353,7 @@ class TrainConfig:
     def from_json(cls, text: str) -> TrainConfig:
         d = json.loads(text)
         d["families"] = tuple(d["families"])
-        d["first_families"] = tuple(d.get("first_families", ()))
-        d.setdefault("first_steps", 0)  # runs saved before the family curriculum
+        d["family_weights"] = tuple(d["family_weights"])
         return cls(**d)
 
 
@@ -369,39 +384,58 @@ def context_cap(tc: TrainConfig, step: int) -> int:
     return start + (tc.context_max - start) * max(ramp, 0) // tc.curriculum
 
 
+# Worlds drawn per row until one fits the step's bucket (a minimal chat overshoots a
+# 24-31-token context in about 30% of draws; one such row padded every batch to 48).
+FIT_TRIES = 8
 QA_SLACK = 10  # context shortened per extra packed request, so packed rows fit the bucket
 
 
 def train_rows(tc: TrainConfig, step: int) -> tuple[list, np.ndarray]:
     """The rows of update `step` and their SFT flags: a pure function of `(seed, step)`.
 
-    A row is a list of instances sharing a prefix or, with probability `recall_frac`, the
-    segments of a recall row (`_recall_row`).
+    The first `pair_steps` updates are pair rows alone (`pair_row`). Later a row is, with
+    probability `pair_frac`, a pair row; else a list of instances sharing a prefix or, with
+    probability `recall_frac`, the segments of a recall row (`_recall_row`).
 
     One context-length bucket per step (so the batch pads to a short length); per row a
-    family, a training seed (< EVAL_SEED_START), k in 1..max_qa requests on that seed's
+    family (`family_weights`), a training seed (< EVAL_SEED_START; redrawn while its first
+    request overshoots the bucket, up to `FIT_TRIES` draws), k in 1..max_qa requests on that seed's
     prefix (packed while the row fits the bucket; never two about the same topic, so an
     answer is never in the row's history), and whether the row uses the pretraining
     objective (probability `pretrain_frac`).
     """
     rng = np.random.default_rng([tc.seed, step, 0x5EED])
+    if step < tc.pair_steps:
+        most = 2 if step < tc.pair_two_steps else PAIR_MAX
+        return [pair_row(rng, most) for _ in range(tc.batch_size)], np.ones(tc.batch_size, bool)
     cap = context_cap(tc, step)
     buckets = [(lo, min(hi, cap)) for lo, hi in _buckets(tc) if lo <= cap]
     lo, hi = buckets[int(rng.integers(len(buckets)))]
     edge = _round_up(hi + tc.gen_length, tc.bucket)
-    families = tc.first_families if step < tc.first_steps else tc.families
+    weights = np.array([tc.family_weights[tasks.FAMILIES.index(f)] for f in tc.families])
+    weights /= weights.sum()
+    # Pair rows (at most 14 tokens) join only the shortest bucket's batches: padded to a
+    # longer one they would mostly compute padding.
+    pair_frac = tc.pair_frac if edge <= PAIR_EDGE else 0.0
     rows: list = []
     for _ in range(tc.batch_size):
-        fam = families[int(rng.integers(len(families)))]
-        seed = int(rng.integers(tasks.EVAL_SEED_START))
+        if rng.random() < pair_frac:
+            rows.append(pair_row(rng, PAIR_MAX))
+            continue
+        fam = tc.families[int(rng.choice(len(tc.families), p=weights))]
         if rng.random() < tc.recall_frac:
-            rows.append(_recall_row(fam, seed, int(rng.integers(1 << 30)), edge))
+            rows.append(_recall_row(fam, int(rng.integers(tasks.EVAL_SEED_START)),
+                                    int(rng.integers(1 << 30)), edge))
             continue
         k = int(rng.integers(1, tc.max_qa + 1))
         questions = [int(q) for q in rng.permutation(2 * k + 2)]
         short = QA_SLACK * (k - 1)
         context = (max(tc.context_min, lo - short), max(tc.context_min, hi - short))
-        group = [tasks.make_instance(fam, seed, questions[0], context=context)]
+        for _ in range(FIT_TRIES):  # a minimal world may overshoot the bucket: redraw it
+            seed = int(rng.integers(tasks.EVAL_SEED_START))
+            group = [tasks.make_instance(fam, seed, questions[0], context=context)]
+            if row_length(group, tc.gen_length) <= edge:
+                break
         topics = set(group[0].meta["topic"])
         for q in questions[1:]:
             if len(group) == k:
@@ -416,6 +450,39 @@ def train_rows(tc: TrainConfig, step: int) -> tuple[list, np.ndarray]:
         rows.append(group)
     sft = rng.random(tc.batch_size) >= tc.pretrain_frac
     return rows, sft
+
+
+PAIR_BUCKET = 8  # padding multiple of the pair-only batches
+PAIR_EDGE = 32  # the longest padded row of a batch that takes pair rows
+PAIR_MAX = 4  # pairs per pair row after the two-pair start (the facts tables' cap)
+_PAIR_KEYS = {"facts": (np.array([tasks.TOKEN_ID[w] for w in tasks.NAMES]),
+                        np.array([tasks.TOKEN_ID[w] for w in tasks.NUMBERS])),
+              "fewshot": (np.array([tasks.TOKEN_ID[w] for w in tasks.SOURCES]),
+                          np.array([tasks.TOKEN_ID[w] for w in tasks.IMAGES]))}
+
+
+def pair_row(rng: np.random.Generator, most: int) -> Segments:
+    """A bare key-value drill of 2..`most` pairs, the asked key last, its value the answer.
+
+    Half the rows in the facts classes (distinct names onto numbers, `k v ;` per pair), half
+    in fewshot's (distinct source symbols onto distinct image symbols, `s t s t ;`: two
+    pairs to an example): `k1 v1 ; k2 v2 ; k2 | v2`. No header, no filler: at most
+    `3 * most + 2` tokens.
+    """
+    n = int(rng.integers(2, most + 1))
+    if rng.random() < 0.5:
+        names, numbers = _PAIR_KEYS["facts"]
+        keys, values, group = rng.choice(names, n, replace=False), rng.choice(numbers, n), 1
+    else:
+        sources, images = _PAIR_KEYS["fewshot"]
+        keys, values = rng.choice(sources, n, replace=False), rng.choice(images, n, replace=False)
+        group = 2
+    ids: list[int] = []
+    for j, (k, v) in enumerate(zip(keys, values, strict=True)):
+        ids += [int(k), int(v)] + ([tasks.TOKEN_ID[";"]] if (j + 1) % group == 0 or j == n - 1
+                                   else [])
+    i = int(rng.integers(n))
+    return [(tuple(ids) + (int(keys[i]),), False), ((int(values[i]),), True)]
 
 
 def _recall_row(family: str, seed: int, order_seed: int, edge: int) -> Segments:
@@ -444,7 +511,9 @@ def train_batch(tc: TrainConfig, step: int) -> Batch:
     """The padded batch of update `step` (see `train_rows`)."""
     rows, sft = train_rows(tc, step)
     longest = max(row_length(r, tc.gen_length) for r in rows)
-    return make_batch(rows, tc.gen_length, _round_up(longest, tc.bucket), sft)
+    # Pair rows alone are at most 3 * PAIR_MAX + 2 tokens: pad to 8s (a two-pair row is 8).
+    multiple = PAIR_BUCKET if step < tc.pair_steps else tc.bucket
+    return make_batch(rows, tc.gen_length, _round_up(longest, multiple), sft)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -828,9 +897,11 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
-        if isinstance(default, tuple):  # family lists
-            p.add_argument(flag, default=",".join(default),
-                           help=f"comma-separated subset of {tasks.FAMILIES}")
+        if isinstance(default, tuple):  # the family list and its weights
+            p.add_argument(flag, default=",".join(map(str, default)),
+                           help=(f"comma-separated subset of {tasks.FAMILIES}"
+                                 if f.name == "families"
+                                 else f"comma-separated, one per family of {tasks.FAMILIES}"))
         elif isinstance(default, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"),
                            default=default, help="TrainConfig field (true/false)")
@@ -845,14 +916,15 @@ def train_main(argv: Sequence[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    for name in [f.name for f in dataclasses.fields(TrainConfig)
-                 if isinstance(getattr(DEFAULT_RECIPE, f.name), tuple)]:
-        values[name] = tuple(s for s in getattr(args, name).split(",") if s)
-        unknown = set(values[name]) - set(tasks.FAMILIES)
-        if unknown:
-            parser.error(f"--{name.replace('_', '-')}: unknown {sorted(unknown)}; "
-                         f"known: {tasks.FAMILIES}")
-    tc = TrainConfig(**values)
+    values["families"] = tuple(s for s in args.families.split(",") if s)
+    unknown = set(values["families"]) - set(tasks.FAMILIES)
+    if unknown:
+        parser.error(f"--families: unknown {sorted(unknown)}; known: {tasks.FAMILIES}")
+    try:
+        values["family_weights"] = tuple(float(w) for w in args.family_weights.split(",") if w)
+        tc = TrainConfig(**values)
+    except ValueError as e:
+        parser.error(f"{e} (--families, --family-weights, --pair-steps, --pair-two-steps)")
     config = tc.model_config()
     print(f"model: {config.param_count() / 1e6:.2f}M params, max_seq_len "
           f"{config.max_seq_len}; {tc.steps} steps of {tc.batch_size}", file=sys.stderr)

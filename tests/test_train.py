@@ -15,6 +15,7 @@ from bicache_jax.config import tiny_llada
 from bicache_jax.model import init_params
 from bicache_jax.train import (
     EPS,
+    PAIR_EDGE,
     Batch,
     TrainConfig,
     context_cap,
@@ -150,7 +151,8 @@ def test_one_slot_canvas_is_the_bare_answer():
     inst = tasks.eval_instances(1, families=("facts",))[0]
     assert inst.response_ids(1) == inst.answer_ids
     assert tasks.is_correct(inst.response_ids(1), inst)
-    batch = train_batch(TrainConfig(batch_size=4, gen_length=1, bucket=16, max_qa=1), 0)
+    batch = train_batch(TrainConfig(batch_size=4, gen_length=1, bucket=16, max_qa=1,
+                                    pair_steps=0), 0)
     assert (np.asarray(batch.response).sum(axis=1) == 1).all()
     assert batch.tokens.shape[1] % 16 == 0
 
@@ -178,7 +180,7 @@ def test_step_flops_match_xla_cost_of_the_forward():
 # path of the loss is exercised, and 30 steps visibly lower it.
 TINY = dict(d_model=32, n_layers=2, n_heads=4, mlp_mult=2, batch_size=8, context_min=24,
             context_max=56, lr=3e-3, warmup=5, gen_length=8, weighting="elbo",
-            response_mask="random", bucket=64)
+            response_mask="random", bucket=64, pair_steps=0)
 
 
 def test_a_few_steps_reduce_the_loss():
@@ -238,7 +240,7 @@ def test_evaluate_scores_a_perfect_oracle(monkeypatch):
 
 
 def test_packed_rows_mask_only_answers_and_never_repeat_a_topic():
-    tc = TrainConfig(batch_size=8, max_qa=6)
+    tc = TrainConfig(batch_size=8, max_qa=6, pair_steps=0, pair_frac=0.0)
     for step in range(3):
         rows, _ = train_rows(tc, step)
         batch = train_batch(tc, step)
@@ -264,32 +266,89 @@ def test_packed_rows_mask_only_answers_and_never_repeat_a_topic():
 
 def test_curriculum_caps_the_context_then_releases_it():
     tc = TrainConfig(batch_size=16, curriculum=100, curriculum_start=32, context_min=24,
-                     context_max=120, curriculum_hold=0)
+                     context_max=120, curriculum_hold=0, pair_steps=0)
     assert [context_cap(tc, s) for s in (0, 50, 99, 100, 5000)] == [32, 76, 119, 120, 120]
     held = dataclasses.replace(tc, curriculum_hold=30)  # the start holds, then the same ramp
     assert [context_cap(held, s) for s in (0, 29, 30, 80, 129, 130)] == [32, 32, 32, 76, 119, 120]
     assert context_cap(TrainConfig(context_max=120, curriculum=0), 0) == 120  # none
-    # (a minimal world plus its question may overshoot a small cap by a few tokens)
+    # (a minimal world plus its question may overshoot a small cap, never the cap's
+    # 48-token bucket: such worlds are redrawn)
     early = [x.context_len for s in range(5) for x in train_instances(tc, s)]
     late = [x.context_len for s in range(200, 210) for x in train_instances(tc, s)]
-    assert max(early) <= 40 and max(late) > 90
+    assert max(early) < 48 and max(late) > 90
 
 
-def test_family_curriculum_draws_the_first_families_then_all():
-    tc = TrainConfig(batch_size=48, first_families=("facts",), first_steps=10)
-    early = {x.family for s in (0, 9) for x in train_instances(tc, s)}
-    late = {x.family for s in (10, 11) for x in train_instances(tc, s)}
-    assert early == {"facts"} and late == set(tasks.FAMILIES)
-    with pytest.raises(ValueError, match="subset of families"):
-        TrainConfig(families=("dialog",), first_families=("facts",), first_steps=10)
-    assert TrainConfig(families=("dialog",), first_steps=0).families == ("dialog",)
+def _pair_answer(ids):
+    """The value after the asked key (the row's last token) in a pair row's table."""
+    *table, asked = ids
+    return table[table.index(asked) + 1]
+
+
+def test_pair_rows_first_then_a_share_of_the_short_batches():
+    tc = TrainConfig(batch_size=64, pair_steps=6, pair_two_steps=3, pair_frac=0.5,
+                     curriculum=0, context_max=95)
+    semi = tasks.TOKEN_ID[";"]
+    names = {tasks.TOKEN_ID[w] for w in tasks.NAMES}
+    numbers = {tasks.TOKEN_ID[w] for w in tasks.NUMBERS}
+    sources = {tasks.TOKEN_ID[w] for w in tasks.SOURCES}
+    images = {tasks.TOKEN_ID[w] for w in tasks.IMAGES}
+    for step, most, pad in ((0, 2, 8), (2, 2, 8), (3, 4, 16), (5, 4, 16)):
+        rows, sft = train_rows(tc, step)
+        assert sft.all() and train_batch(tc, step).tokens.shape[1] == pad
+        classes = set()
+        for (ids, is_q), (answer, is_a) in rows:
+            assert not is_q and is_a and len(answer) == 1
+            assert answer[0] == _pair_answer(ids)  # the value right after the asked key
+            table = [i for i in ids[:-1] if i != semi]
+            keys, values = table[::2], table[1::2]
+            assert 2 <= len(keys) <= most and len(set(keys)) == len(keys)
+            if set(keys) <= names:  # facts' classes: a ';' after every pair
+                assert set(values) <= numbers and ids[:-1].count(semi) == len(keys)
+                classes.add("facts")
+            else:  # fewshot's: distinct sources onto distinct images, ';' every two pairs
+                assert set(keys) <= sources and set(values) <= images
+                assert len(set(table)) == len(table)
+                assert ids[:-1].count(semi) == (len(keys) + 1) // 2
+                classes.add("fewshot")
+        assert classes == {"facts", "fewshot"}
+    # After pair_steps: pair rows only in batches padded to <= PAIR_EDGE tokens.
+    shares = {}
+    for step in range(6, 40):
+        batch = train_batch(tc, step)
+        n_pair = sum(not isinstance(r, list) or not isinstance(r[0], tasks.Instance)
+                     for r in train_rows(tc, step)[0])
+        shares.setdefault(batch.tokens.shape[1] <= PAIR_EDGE, []).append(n_pair / 64)
+    assert shares[False] and max(shares[False]) == 0
+    assert 0.3 < np.mean(shares[True]) < 0.7
+
+
+def test_family_weights_set_the_suite_mix():
+    tc = TrainConfig(batch_size=256, pair_steps=0, family_weights=(1.0, 6.0, 1.0))
+    fams = [x.family for s in range(4) for x in train_instances(tc, s)]
+    assert 0.65 < fams.count("fewshot") / len(fams) < 0.85
+    with pytest.raises(ValueError, match="one positive weight per family"):
+        TrainConfig(family_weights=(1.0, 2.0))
+    with pytest.raises(ValueError, match="one positive weight per family"):
+        TrainConfig(family_weights=(1.0, 0.0, 1.0))
+    # A subset of the families keeps the weights of the families it names.
+    sub = TrainConfig(batch_size=256, pair_steps=0, families=("facts", "fewshot"),
+                      family_weights=(1.0, 3.0, 5.0))
+    fams = [x.family for s in range(4) for x in train_instances(sub, s)]
+    assert "dialog" not in fams and 0.65 < fams.count("fewshot") / len(fams) < 0.85
     assert TrainConfig.from_json(tc.to_json()) == tc
+
+
+def test_rows_fit_their_bucket():
+    # A world that overshoots the step's bucket is redrawn (a minimal chat often does).
+    tc = TrainConfig(batch_size=64, pair_steps=0, curriculum=0, context_max=31)
+    for step in range(3):
+        assert train_batch(tc, step).tokens.shape[1] == 32
 
 
 def test_recall_rows_restate_what_the_checker_derives():
     # Every answer of a recall row is what the independent checker derives from the
     # prefix for the matching question; only those answers are maskable.
-    tc = TrainConfig(batch_size=32, recall_frac=1.0)
+    tc = TrainConfig(batch_size=32, recall_frac=1.0, pair_steps=0, pair_frac=0.0)
     rows, _ = train_rows(tc, 3)
     batch = train_batch(tc, 3)
     n_checked = 0
