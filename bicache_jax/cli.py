@@ -234,9 +234,14 @@ def cmd_serve(args) -> int:
         model = load_served_model(args.model or DEFAULT_MODEL)
     if args.model_name:
         model = dataclasses.replace(model, name=args.model_name)
+    max_tokens = args.max_tokens
+    trained = Path(args.model or DEFAULT_MODEL) / "train_config.json"
+    if max_tokens is None:  # a model of our trainer fills the canvas it was trained on
+        max_tokens = (json.loads(trained.read_text())["gen_length"] if trained.is_file()
+                      else 32)
     settings = ServerSettings(
         policy=args.policy, max_batch=args.max_batch, store_budget=args.store_budget,
-        max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
+        max_tokens=max_tokens, max_tokens_limit=args.max_tokens_limit,
         block_length=args.block_length, reuse_depth=args.reuse_depth,
         batch_window_s=args.batch_window_ms / 1000, max_queue=args.max_queue, seed=args.seed)
     return serve(model, settings, host=args.host, port=args.port, log_level=args.log_level)
@@ -328,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int_in(1), default=8, help="largest batch")
     p.add_argument("--store-budget", type=int_in(1), default=5000,
                    help="prefix store budget in tokens")
-    p.add_argument("--max-tokens", type=int_in(1), default=32, help="default max_tokens")
+    p.add_argument("--max-tokens", type=int_in(1), default=None,
+                   help="default max_tokens (None: the canvas a `bicache-jax train` model "
+                        "was trained on, from its train_config.json; else 32)")
     p.add_argument("--max-tokens-limit", type=int_in(1), default=1024,
                    help="the most max_tokens a request may ask")
     p.add_argument("--block-length", type=int_in(1), default=32,

@@ -12,12 +12,10 @@ import time
 import jax
 import numpy as np
 
+from .evaluate import EVAL_POLICIES
 from .generate import Prompt, generate
 from .policies import POLICIES
 from .prefix_store import PrefixStore
-
-DEMO_POLICIES = ("none", "naive_prefix", "bicache", "fastdllm_prefix", "fastdllm_dual",
-                 "bicache_dual", "dkv_decode")
 
 
 def _serve(params, config, prompts, policy, store, batch_size, **kw):
@@ -45,12 +43,12 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def random_demo(requests: int = 16) -> int:
+def random_demo(requests: int = 16, reason: str = "asked for") -> int:
     from .bench import model_config
     from .model import init_params
 
-    print("No trained default model found: running a small RANDOM-WEIGHT LLaDA-layout "
-          "model.\nThe table shows speed and agreement with `none`, not accuracy.\n")
+    print(f"Running a small RANDOM-WEIGHT LLaDA-layout model ({reason}).\n"
+          "The table shows speed and agreement with `none`, not accuracy.\n")
     config = model_config("cpu_small")
     params = init_params(config, jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -58,7 +56,7 @@ def random_demo(requests: int = 16) -> int:
     prompts = [Prompt(prompt=tuple(rng.integers(0, config.mask_token_id, 16).tolist()),
                       prefix=prefix) for _ in range(requests)]
     rows, reference = [], None
-    for policy in DEMO_POLICIES:
+    for policy in EVAL_POLICIES:
         kw = dict(gen_length=32, steps=32, block_length=16)
         if POLICIES[policy].takes_reuse_depth:  # no profiler table for random weights
             kw["reuse_depth"] = config.n_layers // 2
@@ -76,9 +74,11 @@ def random_demo(requests: int = 16) -> int:
 def run_demo(model: str | None = None, requests: int = 48) -> int:
     from .checkpoint import DEFAULT_MODEL
 
-    if model == "random" or (model is None and not DEFAULT_MODEL.exists()):
+    if model == "random":
         return random_demo(min(requests, 16))
+    if model is None and not DEFAULT_MODEL.exists():
+        return random_demo(min(requests, 16), reason=f"no trained model at {DEFAULT_MODEL}")
     from .evaluate import evaluate_policies
 
     return evaluate_policies(model=model, n_per_family=max(1, requests // 3),
-                             policies=DEMO_POLICIES, write=False)
+                             policies=EVAL_POLICIES, write=False)

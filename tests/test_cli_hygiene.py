@@ -16,7 +16,7 @@ import pytest
 from hf_fixtures import llada_folder
 
 import bicache_jax as bj
-from bicache_jax import bench, cli, evaluate, tasks, train
+from bicache_jax import bench, checkpoint, cli, evaluate, tasks, train
 from bicache_jax.checkpoint import TABLE_FILE
 
 
@@ -84,11 +84,15 @@ def test_generate_checks_arguments_before_loading_the_model(capsys, tmp_path, ar
     assert fragment in err.strip().splitlines()[-1]  # argparse: usage, then one line
 
 
-def test_exit_status_2_for_bad_input_1_for_a_failure_while_running(capsys, tmp_path, hf):
+def test_exit_status_2_for_bad_input_1_for_a_failure_while_running(capsys, tmp_path, hf,
+                                                                     monkeypatch):
     code, _, err = run(capsys, "generate", "--model", tmp_path / "nowhere", "--prompt-ids", "1")
     assert code == 2 and err.startswith("error: no model at")
-    code, _, err = run(capsys, "generate", "--prompt-ids", "1")  # no --model, none shipped
+    # No --model and no shipped model (a checkout without the assets).
+    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL", tmp_path / "not_shipped")
+    code, _, err = run(capsys, "generate", "--prompt-ids", "1")
     assert code == 2 and "pass --model PATH" in err
+    monkeypatch.undo()
     (tmp_path / "dir").mkdir()  # writing the table onto a folder fails while running
     code, _, err = run(capsys, "profile", "--model", hf, "--data",
                        _pairs(tmp_path / "p.jsonl", GOOD_PAIRS), "--out", tmp_path / "dir",
