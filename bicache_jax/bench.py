@@ -96,40 +96,42 @@ def peak_tflops(repeats: int = 3) -> tuple[float, str]:
         if name.lower() in kind.lower():
             return peak, f"datasheet dense bf16 ({name})"
     n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
+    best = _best_seconds(lambda x: x @ x, jnp.ones((n, n), jnp.float32), repeats)
     return 2 * n ** 3 / best / 1e12, "measured float32 1024^3 matmul"
 
 
-def call_flops(config: ModelConfig, rows_computed: float, seq_len: int, nfe: float,
-               block_length: int) -> float:
-    """FLOPs of a request: projections and MLP of every computed token-layer row,
-    attention of every row against the whole sequence, the head on the decoded rows."""
-    d, f = config.d_model, config.mlp_dim
-    per_row = 2 * (d * config.q_dim + 2 * d * config.kv_dim + config.q_dim * d + 3 * d * f)
-    attention = 4 * config.n_heads * config.head_dim * seq_len
-    return rows_computed * (per_row + attention) + nfe * block_length * 2 * d * \
-        config.vocab_size
-
-
-def memory_gbps(mib: int = 64, repeats: int = 5) -> float:
-    """Measured memory bandwidth: a jitted elementwise pass over `mib` MiB of float32 (read
-    once, written once), best of `repeats`, GB/s."""
-    x = jnp.ones((mib * 2**18,), jnp.float32)
-    f = jax.jit(lambda a: a * 2.0)
+def _best_seconds(fn, x, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `jit(fn)(x)`, after one warm-up call."""
+    f = jax.jit(fn)
     f(x).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         f(x).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2 * x.nbytes / best / 1e9
+    return best
+
+
+def _row_flops(config: ModelConfig, seq_len: int) -> int:
+    """FLOPs of one token-layer row: projections, MLP, attention over `seq_len` keys."""
+    d, f = config.d_model, config.mlp_dim
+    return (2 * (d * config.q_dim + 2 * d * config.kv_dim + config.q_dim * d + 3 * d * f)
+            + 4 * config.n_heads * config.head_dim * seq_len)
+
+
+def call_flops(config: ModelConfig, rows_computed: float, seq_len: int, nfe: float,
+               block_length: int) -> float:
+    """FLOPs of a request: projections and MLP of every computed token-layer row,
+    attention of every row against the whole sequence, the head on the decoded rows."""
+    return (rows_computed * _row_flops(config, seq_len)
+            + nfe * block_length * 2 * config.d_model * config.vocab_size)
+
+
+def memory_gbps(mib: int = 64, repeats: int = 5) -> float:
+    """Measured memory bandwidth: a jitted elementwise pass over `mib` MiB of float32 (read
+    once, written once), best of `repeats`, GB/s."""
+    x = jnp.ones((mib * 2**18,), jnp.float32)
+    return 2 * x.nbytes / _best_seconds(lambda a: a * 2.0, x, repeats) / 1e9
 
 
 def roofline_seconds(config: ModelConfig, rows_per_forward: np.ndarray, seq_len: int,
@@ -140,8 +142,7 @@ def roofline_seconds(config: ModelConfig, rows_per_forward: np.ndarray, seq_len:
     per request, the K/V of the whole sequence in every layer; the head runs on one block
     per request."""
     d, f = config.d_model, config.mlp_dim
-    per_row = 2 * (d * config.q_dim + 2 * d * config.kv_dim + config.q_dim * d + 3 * d * f)
-    per_row += 4 * config.n_heads * config.head_dim * seq_len
+    per_row = _row_flops(config, seq_len)
     batch = rows_per_forward.shape[0]
     weights = 4 * (config.n_layers * (2 * d * config.q_dim + 2 * d * config.kv_dim
                                       + 3 * d * f) + d * config.vocab_size)
