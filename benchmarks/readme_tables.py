@@ -70,8 +70,30 @@ def prefix_memory_section(path: Path) -> str:
 def eval_section(path: Path) -> str:
     result = json.loads(path.read_text())
     return (f"### Accuracy: `{path.name}`\n\n{result['n_instances']} held-out instances, "
-            f"device {result['device']}, jax {result['jax_version']}, r -> b table "
-            f"{result['depth_table']}.\n\n" + evaluate.markdown_table(result) + "\n")
+            f"device {result['device']}, jax {result['jax_version']}, commit "
+            f"`{result['git_commit'][:10]}`, r -> b table {result['depth_table']}.\n\n"
+            + evaluate.markdown_table(result) + "\n\nBy shared-prefix ratio "
+            "r = p / (p + u), % (instances per bucket in the head):\n\n"
+            + evaluate.markdown_ratio_table(result) + "\n")
+
+
+def default_model_section(model: Path) -> str:
+    """The shipped model's training run: its monitor curve and the step's speed."""
+    tc = json.loads((model / "train_config.json").read_text())
+    speed = json.loads((model / "throughput.json").read_text())
+    curve = [json.loads(line) for line in (model / "eval.jsonl").read_text().splitlines()]
+    fams = [f for f in curve[0] if f not in ("step", "all")]
+    lines = ["| update | " + " | ".join(str(r["step"]) for r in curve) + " |",
+             "|" + "---|" * (len(curve) + 1)]
+    lines += [f"| {f} % | " + " | ".join(f"{100 * r[f]:.0f}" for r in curve) + " |"
+              for f in fams]
+    return (f"### Training the default model: `{model.relative_to(ROOT)}`\n\n"
+            f"{tc['steps']} updates of {tc['batch_size']} rows, d{tc['d_model']} x "
+            f"{tc['n_layers']} layers; training loop {speed['wall_seconds'] / 60:.1f} min, "
+            f"step {speed['tokens_per_s']} tokens/s, {speed['gflops_per_s']} GFLOP/s = "
+            f"{100 * speed['fraction_of_peak']:.0f}% of the {speed['matmul_peak_gflops_per_s']}"
+            " GFLOP/s float32 matmul peak measured at its start. Held-out accuracy of the "
+            "monitor (32 instances per family, no cache):\n\n" + "\n".join(lines) + "\n")
 
 
 def learnability_section(path: Path) -> str:
@@ -119,6 +141,8 @@ def main() -> None:
     parts = [paired_section(p) if "pairs" in json.loads(p.read_text()) else throughput_section(p)
              for p in sorted(results.glob("throughput_*.json"))]
     parts += [prefix_memory_section(p) for p in sorted(results.glob("prefix_memory_*.json"))]
+    model = ROOT / "bicache_jax" / "assets" / "default_model"
+    parts += [default_model_section(model)] if model.is_dir() else []
     parts += [eval_section(p) for p in sorted(results.glob("eval_*.json"))]
     parts += [learnability_section(p) for p in sorted(results.glob("learnability_*.json"))]
     parts += [lr_sweep_section(p) for p in sorted(results.glob("lr_sweep_*.json"))]

@@ -171,6 +171,17 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_ratio_table(result: dict) -> str:
+    """Accuracy per policy and prefix-ratio bucket (the bucket's instance count in the head)."""
+    counts = result["ratio_of_instances"]
+    buckets = [b for b, n in counts.items() if n]
+    lines = ["| policy | " + " | ".join(f"r {b}% ({counts[b]})" for b in buckets) + " |",
+             "|" + "---|" * (len(buckets) + 1)]
+    lines += [f"| {r['policy']} | " + " | ".join(f"{100 * r['by_ratio'][b]:.1f}" for b in buckets)
+              + " |" for r in result["results"]]
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: str | Path) -> None:
     import matplotlib
 
@@ -238,6 +249,8 @@ def evaluate_policies(model=None, n_per_family: int = 20, policies=EVAL_POLICIES
     result = run_eval(params, config, instances, settings, table, policies, tokenizer=render)
     print()
     print(markdown_table(result))
+    print()
+    print(markdown_ratio_table(result))
     if write:
         path = Path(out or "benchmarks/results/eval_default_model.json")
         path.parent.mkdir(parents=True, exist_ok=True)
