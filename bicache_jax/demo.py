@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from .evaluate import EVAL_POLICIES
+from .evaluate import EVAL_POLICIES, evaluate_policies
 from .generate import Prompt, generate
 from .policies import POLICIES
 from .prefix_store import PrefixStore
@@ -78,7 +78,5 @@ def run_demo(model: str | None = None, requests: int = 48) -> int:
         return random_demo(min(requests, 16))
     if model is None and not DEFAULT_MODEL.exists():
         return random_demo(min(requests, 16), reason=f"no trained model at {DEFAULT_MODEL}")
-    from .evaluate import evaluate_policies
-
     return evaluate_policies(model=model, n_per_family=max(1, requests // 3),
                              policies=EVAL_POLICIES, write=False)
