@@ -112,10 +112,15 @@ def _best_seconds(fn, x, repeats: int) -> float:
     return best
 
 
+def _layer_matmul_params(config: ModelConfig) -> int:
+    """Weights of one layer's matmuls: Q, K, V, output projections and the gated MLP."""
+    d = config.d_model
+    return d * config.q_dim + 2 * d * config.kv_dim + config.q_dim * d + 3 * d * config.mlp_dim
+
+
 def _row_flops(config: ModelConfig, seq_len: int) -> int:
     """FLOPs of one token-layer row: projections, MLP, attention over `seq_len` keys."""
-    d, f = config.d_model, config.mlp_dim
-    return (2 * (d * config.q_dim + 2 * d * config.kv_dim + config.q_dim * d + 3 * d * f)
+    return (2 * _layer_matmul_params(config)
             + 4 * config.n_heads * config.head_dim * seq_len)
 
 
@@ -141,11 +146,10 @@ def roofline_seconds(config: ModelConfig, rows_per_forward: np.ndarray, seq_len:
     token-layer rows. A forward reads every weight once (the embedding table aside) and,
     per request, the K/V of the whole sequence in every layer; the head runs on one block
     per request."""
-    d, f = config.d_model, config.mlp_dim
+    d = config.d_model
     per_row = _row_flops(config, seq_len)
     batch = rows_per_forward.shape[0]
-    weights = 4 * (config.n_layers * (2 * d * config.q_dim + 2 * d * config.kv_dim
-                                      + 3 * d * f) + d * config.vocab_size)
+    weights = 4 * (config.n_layers * _layer_matmul_params(config) + d * config.vocab_size)
     kv = 4 * batch * seq_len * config.n_layers * 2 * config.kv_dim
     head = batch * block_length * 2 * d * config.vocab_size
     rows = rows_per_forward.sum(axis=0)

@@ -225,17 +225,18 @@ def cmd_serve(args) -> int:
     from .checkpoint import DEFAULT_MODEL
     from .server import ServerSettings, load_served_model, random_model, serve
 
-    if args.model is None and not DEFAULT_MODEL.exists():
+    model_dir = Path(args.model or DEFAULT_MODEL)
+    if not model_dir.exists() and args.model is None:
         print("No trained default model found: serving a small RANDOM-WEIGHT model on the "
               "task suite's tokenizer (its replies are noise; pass --model PATH).",
               file=sys.stderr)
         model = random_model(args.seed)
     else:
-        model = load_served_model(args.model or DEFAULT_MODEL)
+        model = load_served_model(model_dir)
     if args.model_name:
         model = dataclasses.replace(model, name=args.model_name)
     max_tokens = args.max_tokens
-    trained = Path(args.model or DEFAULT_MODEL) / "train_config.json"
+    trained = model_dir / "train_config.json"
     if max_tokens is None:  # a model of our trainer fills the canvas it was trained on
         max_tokens = (json.loads(trained.read_text())["gen_length"] if trained.is_file()
                       else 32)
