@@ -49,6 +49,17 @@ class ProfileResult:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 
+    def at_threshold(self, threshold: float) -> ProfileResult:
+        """The same scores read at another threshold: no forward runs again."""
+        _check_threshold(threshold)
+        depths = {r: leading_layers_above(s, threshold) for r, s in self.scores.items()}
+        return dataclasses.replace(self, table=staircase(depths), threshold=threshold)
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+
 
 def parse_table(data) -> dict[int, int]:
     """The `r -> b` table of a profile result (`ProfileResult.to_json`'s object) or of a
@@ -151,8 +162,7 @@ def profile(params, config: ModelConfig, pairs: Iterable[tuple[Sequence[int], Se
             threshold: float = DEFAULT_THRESHOLD, min_samples: int = 1,
             progress: bool = True) -> ProfileResult:
     """Build the `r -> b` table from (prefix, prompt) pairs (see module docstring)."""
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    _check_threshold(threshold)
     pairs = list(pairs)
     if not pairs:
         raise ValueError("profile() needs at least one (prefix, prompt) sample")
@@ -174,7 +184,5 @@ def profile(params, config: ModelConfig, pairs: Iterable[tuple[Sequence[int], Se
         print(f"profiler: skipping {len(skipped)} ratio bucket(s) with fewer than "
               f"{min_samples} samples: {dict(sorted(skipped.items()))}", file=sys.stderr)
     scores = {r: (sums[r] / counts[r]).tolist() for r in sorted(counts) if r not in skipped}
-    depths = {r: leading_layers_above(s, threshold) for r, s in scores.items()}
-    return ProfileResult(table=staircase(depths), scores=scores,
-                         counts={r: counts[r] for r in scores}, threshold=threshold,
-                         skipped=skipped)
+    return ProfileResult(table={}, scores=scores, counts={r: counts[r] for r in scores},
+                         threshold=threshold, skipped=skipped).at_threshold(threshold)

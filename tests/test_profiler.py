@@ -65,6 +65,15 @@ def test_table_equals_direct_computation_from_layer_scores(params):
     assert depths == sorted(set(depths))  # strictly increasing staircase
     again = profile(params, CFG, pairs, threshold=threshold, progress=False)
     assert again.table == result.table and again.scores == result.scores
+    # Another threshold read off the same scores equals profiling again at it.
+    other = float(np.sort(all_scores)[len(all_scores) // 4] + 1e-3)
+    reread = result.at_threshold(other)
+    assert reread == profile(params, CFG, pairs, threshold=other, progress=False)
+    assert reread.table == staircase({r: leading_layers_above(s, other)
+                                      for r, s in ref.items()})
+    assert reread.table != result.table  # the two thresholds give different depths
+    with pytest.raises(ValueError, match="threshold"):
+        result.at_threshold(1.5)
 
 
 def test_staircase_and_leading_layers():
