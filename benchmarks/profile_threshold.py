@@ -87,6 +87,7 @@ def main(argv=None) -> None:
            "model_config": {"d_model": config.d_model, "n_layers": config.n_layers},
            "calibration": {"seed": CALIBRATION_SEED, "n_per_family": args.n_per_family,
                            "questions_per_prefix": 4, "n": len(instances)},
+           "profile_pairs_per_family": args.profile_n,
            "settings": dataclasses.asdict(settings), "tolerance_points": args.tolerance,
            "none": {"accuracy": none["accuracy"], "by_ratio": none["by_ratio"]},
            "n_by_ratio": none["n_by_ratio"],
