@@ -34,6 +34,15 @@ CALIBRATION_SEED = 950_000  # training range (< tasks.EVAL_SEED_START), apart fr
 THRESHOLDS = (0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the checkout when inside it (results name no home folder)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def _summary(result: dict) -> dict:
     """accuracy, agreement with none and per-ratio accuracy of `bicache` in one run_eval."""
     row = next(r for r in result["results"] if r["policy"] == "bicache")
@@ -83,7 +92,7 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     out = {"machine": {"node": platform.node(), "python": platform.python_version()},
            "device": device.device_kind, "jax_version": jax.__version__,
-           "git_commit": git_commit(), "model": str(model_dir),
+           "git_commit": git_commit(), "model": _shown(model_dir),
            "model_config": {"d_model": config.d_model, "n_layers": config.n_layers},
            "calibration": {"seed": CALIBRATION_SEED, "n_per_family": args.n_per_family,
                            "questions_per_prefix": 4, "n": len(instances)},
@@ -118,7 +127,8 @@ def markdown_table(result: dict) -> str:
     for depth, s in result["fixed_depth"].items():
         line(f"fixed b = {depth}", s)
     for s in result["sweep"]:
-        line(f"threshold {s['threshold']} {s['table']}", s)
+        table = ", ".join(f"{r}: {b}" for r, b in s["table"].items())
+        line(f"threshold {s['threshold']} {{{table}}}", s)
     return "\n".join(lines)
 
 

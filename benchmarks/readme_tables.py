@@ -67,9 +67,14 @@ def prefix_memory_section(path: Path) -> str:
             "the whole entry into every request's row.\n\n" + "\n".join(lines) + "\n")
 
 
+def _name(path: Path) -> str:
+    """A result file's name under benchmarks/results/ (a candidate's folder included)."""
+    return str(path.relative_to(ROOT / "benchmarks" / "results"))
+
+
 def eval_section(path: Path) -> str:
     result = json.loads(path.read_text())
-    return (f"### Accuracy: `{path.name}`\n\n{result['n_instances']} held-out instances, "
+    return (f"### Accuracy: `{_name(path)}`\n\n{result['n_instances']} held-out instances, "
             f"device {result['device']}, jax {result['jax_version']}, commit "
             f"`{result['git_commit'][:10]}`, r -> b table {result['depth_table']}.\n\n"
             + evaluate.markdown_table(result) + "\n\nBy shared-prefix ratio "
@@ -94,6 +99,25 @@ def default_model_section(model: Path) -> str:
             f"{100 * speed['fraction_of_peak']:.0f}% of the {speed['matmul_peak_gflops_per_s']}"
             " GFLOP/s float32 matmul peak measured at its start. Held-out accuracy of the "
             "monitor (32 instances per family, no cache):\n\n" + "\n".join(lines) + "\n")
+
+
+def profile_threshold_section(path: Path) -> str:
+    import profile_threshold
+
+    result = json.loads(path.read_text())
+    cal, c = result["calibration"], result["model_config"]
+    return (f"### Reuse depth and profiler threshold: `{_name(path)}`\n\nModel "
+            f"`{result['model']}` (d{c['d_model']} x {c['n_layers']} layers), device "
+            f"{result['device']}, jax {result['jax_version']}, commit "
+            f"`{result['git_commit'][:10]}`; {cal['n']} requests from training-range seeds "
+            f"{cal['seed']}+ ({cal['questions_per_prefix']} per prefix), profiler on "
+            f"{result['profile_pairs_per_family']} pairs per family. `bicache` at every fixed "
+            "depth, then with the table each threshold gives (a batch of 16 runs at its "
+            "smallest depth); accuracy % by prefix ratio r (with the canvas), instances per "
+            f"bucket {result['n_by_ratio']}. Smallest threshold within "
+            f"{result['tolerance_points']} points of `none`: "
+            f"{result['recommended_threshold'] or 'none of them'}.\n\n"
+            + profile_threshold.markdown_table(result) + "\n")
 
 
 def learnability_section(path: Path) -> str:
@@ -144,6 +168,11 @@ def main() -> None:
     model = ROOT / "bicache_jax" / "assets" / "default_model"
     parts += [default_model_section(model)] if model.is_dir() else []
     parts += [eval_section(p) for p in sorted(results.glob("eval_*.json"))]
+    parts += [profile_threshold_section(p) for p in sorted(
+        results.glob("profile_threshold_*.json"))]
+    parts += [section(p) for section, pattern in ((eval_section, "candidate_*/eval.json"), (
+        profile_threshold_section, "candidate_*/profile_threshold_*.json"))
+        for p in sorted(results.glob(pattern))]
     parts += [learnability_section(p) for p in sorted(results.glob("learnability_*.json"))]
     parts += [lr_sweep_section(p) for p in sorted(results.glob("lr_sweep_*.json"))]
     parts += [serve_load_section(p) for p in sorted(results.glob("serve_load_*.json"))]
