@@ -36,7 +36,6 @@ obstacles found (see the README's "Training the default model").
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bicache_jax import tasks
+from bicache_jax.bench import write_result
 from bicache_jax.model import forward
 from bicache_jax.train import TrainConfig, init_state, make_batch, make_train_step, row_segments
 
@@ -202,11 +202,7 @@ def main(argv=None) -> None:
               "optimizer": "AdamW lr 3e-3, 20 warmup steps (100 for format and suite), "
                            "cosine decay",
               "probes": probes}
-    out = Path(args.out or Path(__file__).parent / "results"
-               / f"learnability_{device.platform}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}\n")
+    write_result(result, args.out, Path(__file__).parent / "results", "learnability")
     print(markdown_table(result))
 
 

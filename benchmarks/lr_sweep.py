@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from bicache_jax.bench import git_commit
+from bicache_jax.bench import git_commit, write_result
 from bicache_jax.train import DEFAULT_RECIPE, matmul_peak_gflops, train
 
 
@@ -63,11 +63,7 @@ def main(argv=None) -> None:
               "matmul_peak_gflops_per_s": round(peak, 1), "eval_n_per_family": args.eval_n,
               "recipe": json.loads(base.to_json()), "runs": runs,
               "best_accuracy_lr": max(runs, key=lambda r: r["accuracy"]["all"])["lr"]}
-    out = Path(args.out or Path(__file__).parent / "results"
-               / f"lr_sweep_{device.platform}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {out}\n")
+    write_result(result, args.out, Path(__file__).parent / "results", "lr_sweep")
     print(markdown_table(result))
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 from pathlib import Path
 
 import jax
 
 from bicache_jax import tasks
-from bicache_jax.bench import git_commit
+from bicache_jax.bench import git_commit, write_result
 from bicache_jax.checkpoint import DEFAULT_MODEL, load_model
 from bicache_jax.evaluate import EvalSettings, run_eval
 from bicache_jax.train import TrainConfig, profile_model
@@ -102,11 +101,7 @@ def main(argv=None) -> None:
            "n_by_ratio": none["n_by_ratio"],
            "fixed_depth": fixed, "scores": profile.scores, "counts": profile.counts,
            "sweep": sweep, "recommended_threshold": min(keeps) if keeps else None}
-    path = Path(args.out or Path(__file__).parent / "results"
-                / f"profile_threshold_{device.platform}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwrote {path}\n")
+    write_result(out, args.out, Path(__file__).parent / "results", "profile_threshold")
     print(markdown_table(out))
 
 

@@ -166,6 +166,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def write_result(result: dict, out: str | Path | None, results: Path, name: str) -> Path:
+    """Write a benchmark's JSON to `out`, default `<results>/<name>_<platform>.json`;
+    returns the path."""
+    path = Path(out or results / f"{name}_{jax.devices()[0].platform}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {path}\n")
+    return path
+
+
 def _prompts(config, batch, prefix_len, prompt_len, seed):
     rng = np.random.default_rng(seed)
     hi = config.mask_token_id
