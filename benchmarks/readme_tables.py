@@ -170,9 +170,9 @@ def main() -> None:
     parts += [eval_section(p) for p in sorted(results.glob("eval_*.json"))]
     parts += [profile_threshold_section(p) for p in sorted(
         results.glob("profile_threshold_*.json"))]
-    parts += [section(p) for section, pattern in ((eval_section, "candidate_*/eval.json"), (
-        profile_threshold_section, "candidate_*/profile_threshold_*.json"))
-        for p in sorted(results.glob(pattern))]
+    parts += [eval_section(p) for p in sorted(results.glob("candidate_*/eval.json"))]
+    parts += [profile_threshold_section(p) for p in sorted(
+        results.glob("candidate_*/profile_threshold_*.json"))]
     parts += [learnability_section(p) for p in sorted(results.glob("learnability_*.json"))]
     parts += [lr_sweep_section(p) for p in sorted(results.glob("lr_sweep_*.json"))]
     parts += [serve_load_section(p) for p in sorted(results.glob("serve_load_*.json"))]

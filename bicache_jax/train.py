@@ -38,11 +38,11 @@ asked key right before the one-slot canvas. The first `pair_steps` updates train
 alone, the first `pair_two_steps` of those with exactly two pairs (8-token rows), then 2 to
 `PAIR_MAX` pairs; afterwards a share `pair_frac` of the rows of every batch padded to at most
 `PAIR_EDGE` tokens stays pair rows (padded to longer rows they would mostly compute
-padding). Key
-matching (find the asked key, read the token after it: what facts and fewshot need) emerges
-on these short rows within a few hundred updates, where the suite's rows (3-6x longer, the
-key among template words and filler) held every earlier run on the copy-any-value plateau
-for thousands (README). `family_weights` sets the families' shares of the suite rows.
+padding). Key matching (find the asked key, read the token after it: what facts and
+fewshot need) emerges on these short rows within a few hundred updates, where the suite's
+rows (3-6x longer, the key among template words and filler) held every earlier run on the
+copy-any-value plateau for thousands (README). `family_weights` sets the families' shares
+of the suite rows.
 
 Curriculum (`TrainConfig.curriculum`): the longest context stays at `curriculum_start`
 for `curriculum_hold` steps, then grows linearly to `context_max` over `curriculum` steps
